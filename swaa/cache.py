@@ -869,7 +869,7 @@ def demo() -> None:
             print(f"state_update([1.0], 0) refused: {err}")
 
         cache.reset()
-        show("reset(): states cleared, counts back to 0", cache)
+        show("reset(): states and token counts cleared (keys reset as transformers does)", cache)
     finally:
         if not was_hacked:
             unhack_kv_cache_recurrent_state()
