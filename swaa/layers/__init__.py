@@ -1,0 +1,11 @@
+"""Drop-in attention modules built on ``swaa.kernels`` and ``swaa.cache``.
+
+``model.model.layers[i].self_attn = GatedLinearAttention(model.config, i)`` replaces the softmax
+attention of layer ``i`` of a Qwen3, Qwen2, Llama or Mistral model.
+"""
+
+from swaa.layers.feature_maps import FEATURE_MAPS
+from swaa.layers.gated_linear_attention import GATES, GatedLinearAttention
+from swaa.layers.linear_attention import LinearAttention
+
+__all__ = ["FEATURE_MAPS", "GATES", "GatedLinearAttention", "LinearAttention"]

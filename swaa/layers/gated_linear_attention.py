@@ -1,0 +1,126 @@
+"""GatedLinearAttention (Yang et al., 2024): linear attention whose state decays per key dimension,
+``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``, with ``g_t <= 0`` computed from
+the input; a drop-in replacement for a transformers softmax attention module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from swaa import kernels
+from swaa.layers.common import RecurrentAttentionBase
+
+GATES = ("low_rank", "from_keys")
+
+# time constants (tokens) of the low-rank gate at init, log-spaced over each head's key dims
+_INIT_MEMORY = (10.0, 1000.0)
+
+
+class GatedLinearAttention(RecurrentAttentionBase):
+    r"""Gated linear attention that replaces the attention module of a Qwen3, Qwen2, Llama or Mistral model.
+
+    ``model.model.layers[i].self_attn = GatedLinearAttention(model.config, i)`` works in forward, training
+    and ``generate()``; see :class:`swaa.layers.LinearAttention` for the call, the projections copied
+    from the source attention, and how the state lives in the cache (applying the swaa cache patch on
+    first use with a cache).
+
+    Args:
+        config, layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, attention_bias, qkv_bias,
+        o_bias, qk_norm, rms_norm_eps, use_rope, scale, norm_eps, backend:
+            As for :class:`swaa.layers.LinearAttention`.
+        gate (str, Optional):
+            How the log-decay ``g [B, T, Hk, K]`` is made:
+
+            - ``low_rank``: ``logsigmoid(gk_proj(x)) / gate_logit_normalizer`` with
+              ``gk_proj = Linear(hidden, r, bias=False) -> Linear(r, Hk*K, bias=True)`` as in the GLA paper.
+              Init: first weight ``N(0, hidden**-0.5)``, second ``N(0, 0.01 * r**-0.5)``, bias set so
+              each key dim starts with a decay whose time constant is log-spaced from 10 to 1000 tokens
+              (short and long memory side by side, nearly input-independent until trained).
+            - ``from_keys``: no new parameters; one decay per kv head and token,
+              ``logsigmoid(mean over the head dim of k_t) / gate_logit_normalizer``, from the (normed,
+              pre-RoPE) key projection, broadcast over the key dims.
+
+            Default: ``low_rank``.
+        gate_low_rank_dim (int, Optional):
+            ``r`` of the low-rank gate. Default: 16.
+        gate_logit_normalizer (float, Optional):
+            Divides the log-sigmoid; larger keeps decays closer to 1 (longer memory). Default: 16.
+        feature_map (str, Optional):
+            As for LinearAttention. Default: ``identity``: with RoPE the products ``q_t . k_s`` are exactly
+            the pretrained attention logits (before softmax), which the gates then decay.
+        output_norm (bool, Optional):
+            RMSNorm over each head's output (``o_norm``, weight 1 at init). Default: True: the state is an
+            unnormalised sum whose size depends on the decays; the norm keeps ``o_proj``'s input in range.
+        output_gate (bool, Optional):
+            Multiply by ``swish(g_proj(x))`` before ``o_proj``, as in the GLA paper. Default: False (a new
+            gate would change a converted model before training).
+
+    State in the cache: ``[B, H, K, V]``, float32 for half/float32 activations, float64 for float64.
+    """
+
+    _OPTIONS = {
+        "gate": "low_rank",
+        "gate_low_rank_dim": 16,
+        "gate_logit_normalizer": 16.0,
+        "feature_map": "identity",
+        "output_norm": True,
+    }
+
+    def __init__(self, config=None, layer_idx: int | None = None, **overrides):
+        super().__init__(config, layer_idx, **overrides)
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not (isinstance(self.gate_logit_normalizer, (int, float)) and self.gate_logit_normalizer > 0):
+            raise ValueError(
+                f"gate_logit_normalizer must be a positive number, got {self.gate_logit_normalizer!r}"
+            )
+        # key features per head after the feature map (hedgehog doubles them)
+        self.key_feature_dim = 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
+        if self.gate == "low_rank":
+            r = self.gate_low_rank_dim
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ValueError(f"gate_low_rank_dim must be a positive int, got {r!r}")
+            self.gk_proj = nn.Sequential(
+                nn.Linear(self.hidden_size, r, bias=False),
+                nn.Linear(r, self.num_kv_heads * self.key_feature_dim, bias=True),
+            )
+        self.reset_parameters()
+
+    def _reset_gate(self):
+        if self.gate != "low_rank":
+            return
+        r = self.gate_low_rank_dim
+        nn.init.normal_(self.gk_proj[0].weight, std=self.hidden_size**-0.5)
+        nn.init.normal_(self.gk_proj[1].weight, std=0.01 * r**-0.5)
+        # decay d = exp(-1/tau) needs logsigmoid(b) = N * log(d), i.e. b = logit(d ** N)
+        lo, hi = _INIT_MEMORY
+        tau = torch.logspace(math.log10(lo), math.log10(hi), self.key_feature_dim, dtype=torch.float64)
+        p = torch.exp(-self.gate_logit_normalizer / tau)
+        bias = torch.log(p) - torch.log1p(-p)
+        with torch.no_grad():
+            self.gk_proj[1].bias.copy_(bias.repeat(self.num_kv_heads))
+
+    def _gate(self, hidden_states, k):
+        B, T, Hk, _ = k.shape
+        if self.gate == "low_rank":
+            logits = self.gk_proj(hidden_states).view(B, T, Hk, self.key_feature_dim)
+        else:
+            logits = k.mean(-1, keepdim=True).expand(B, T, Hk, self.key_feature_dim)
+        # float32 for half inputs: decays near 1 need more than bf16's 8 bits to accumulate over T
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return F.logsigmoid(logits.to(dtype)) / self.gate_logit_normalizer
+
+    def _mix(self, q, k, v, g, initial_state, output_final_state):
+        return kernels.gla(
+            q,
+            k,
+            v,
+            g,
+            scale=self.scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            backend=self.backend,
+        )
