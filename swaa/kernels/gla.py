@@ -1,0 +1,202 @@
+"""Gated linear attention (GLA): public dispatching function, torch chunked form, single-step decode.
+
+Recurrence (per head): S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t ;  o_t = scale * q_t S_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from swaa.kernels import fla_adapter
+from swaa.kernels._checks import check_inputs
+from swaa.kernels._varlen import Packing
+
+# tokens per chunk of the torch chunked form; a power of two (the intra-chunk part halves it)
+CHUNK_SIZE = 64
+# below this half-block size the intra-chunk products are done elementwise: a batched matmul of
+# many 1x1..4x4 matrices costs more in dispatch than it saves
+_ELEMENTWISE_MAX_HALF = 4
+
+
+def _blocks(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
+    # [B, T, H, D] -> [B, H, N, C, D] in `dtype`, zero-padded to N * C tokens: the one copy in
+    B, T, H, D = x.shape
+    N = -(-T // C)
+    out = x.new_zeros(B, H, N * C, D, dtype=dtype)
+    out[:, :, :T].copy_(x.transpose(1, 2))
+    return out.view(B, H, N, C, D)
+
+
+def _unblocks(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
+    # [B, H, N, C, V] -> [B, T, H, V] in `dtype`: the one copy out
+    B, H, N, C, V = o.shape
+    return o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+
+
+def _chunk_size(T: int) -> int:
+    # short inputs get the smallest power-of-two chunk that holds them
+    return min(CHUNK_SIZE, 1 << max(T - 1, 0).bit_length())
+
+
+def _intra_chunk(q, k, v, b):
+    """Causal attention inside each chunk with gated decays, computed without exp of positives.
+
+    For i >= j, A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) with b the in-chunk cumulative gate.
+    Splitting exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) at a reference point m between j and i
+    makes both factors <= 1. The chunk is halved recursively: at each level the later half's
+    queries see the earlier half's keys through m = b at the last token of the earlier half; the
+    pairs inside each half are left to the next level, and i == j (decay 1) is done first.
+    The total work equals one C x C matmul per chunk, and no factor ever exceeds 1, so gates of
+    any strength are safe (tiny products underflow to 0, as the true values do).
+
+    Args:
+        q, k (torch.Tensor): `[B, H, N, C, K]`, q already scaled.
+        v (torch.Tensor): `[B, H, N, C, V]`.
+        b (torch.Tensor): `[B, H, N, C, K]`, cumulative log gates inside each chunk.
+
+    Returns:
+        o (torch.Tensor): `[B, H, N, C, V]`.
+    """
+    C = q.shape[-2]
+    o = (q * k).sum(-1, keepdim=True) * v
+    n = C
+    while n > 1:
+        h = n // 2
+        split = (C // n, 2, h)
+        qb, kb, vb, bb = (x.unflatten(-2, split) for x in (q, k, v, b))
+        bL = bb[..., 0, :, :]
+        m = bL[..., -1:, :]
+        qR = torch.sub(bb[..., 1, :, :], m).exp_() * qb[..., 1, :, :]
+        kL = torch.sub(m, bL).exp_() * kb[..., 0, :, :]
+        vL = vb[..., 0, :, :]
+        if h <= _ELEMENTWISE_MAX_HALF:
+            A = (qR.unsqueeze(-2) * kL.unsqueeze(-3)).sum(-1)
+            out = (A.unsqueeze(-1) * vL.unsqueeze(-3)).sum(-2)
+        else:
+            out = (qR @ kL.transpose(-1, -2)) @ vL
+        o.unflatten(-2, split)[..., 1, :, :] += out
+        n = h
+    return o
+
+
+def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
+    """Chunked parallel GLA in torch (no argument checks; use `gla` for the public API).
+
+    Args:
+        q, k, g (torch.Tensor): `[B, T, H, K]`.
+        v (torch.Tensor): `[B, T, H, V]`.
+        scale (float): multiplies q.
+        initial_state (Optional[torch.Tensor]): `[B, H, K, V]` in the state dtype.
+        output_final_state (bool): return the state after the last token.
+
+    Returns:
+        o `[B, T, H, V]` in v's dtype, and the final state `[B, H, K, V]` or None.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    C = _chunk_size(T)
+    qc = _blocks(q, dt, C).mul_(scale)
+    kc, vc, gc = _blocks(k, dt, C), _blocks(v, dt, C), _blocks(g, dt, C)
+    # padding tokens have g = 0 and k = 0: they neither decay nor add to the state
+    b = gc.cumsum(-2)
+    o = _intra_chunk(qc, kc, vc, b)
+
+    b_last = b[..., -1:, :]  # [B, H, N, 1, K]
+    # what each chunk adds to the state, decayed to the chunk's end (factors <= 1)
+    U = (torch.sub(b_last, b).exp_() * kc).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K, 1]
+    S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
+    starts = []
+    for n in range(qc.shape[2]):
+        starts.append(S)
+        S = decay[:, :, n] * S + U[:, :, n]
+    # each query reads the state at its chunk's start, decayed to its own position
+    o = o + (b.exp() * qc) @ torch.stack(starts, 2)
+    return _unblocks(o, T, v.dtype), (S if output_final_state else None)
+
+
+def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
+    """One token of GLA: a state update and a read, in a few torch ops (no host syncs, so it can
+    be captured in a CUDA graph). Same arguments as `chunk_gla_torch`, with T == 1."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k1, v1 = k[:, 0].to(dt), v[:, 0].to(dt)  # [B, H, K], [B, H, V]
+    kv = k1.unsqueeze(-1) * v1.unsqueeze(-2)
+    if initial_state is None:
+        S = kv
+    else:
+        S = torch.addcmul(kv, initial_state, g[:, 0].to(dt).exp().unsqueeze(-1))
+    o = (q[:, 0].to(dt).unsqueeze(-2) @ S).squeeze(-2) * scale  # [B, H, V]
+    return o.unsqueeze(1).to(v.dtype), (S if output_final_state else None)
+
+
+def _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if cu_seqlens is not None:
+        pk = Packing(cu_seqlens)
+        o, S = chunk_gla_torch(
+            pk.pad(q), pk.pad(k), pk.pad(v), pk.pad(g), scale, initial_state, output_final_state
+        )
+        return pk.unpad(o), S
+    if q.shape[1] == 0:
+        S = initial_state if initial_state is not None else q.new_zeros(*q.shape[::2], v.shape[-1], dtype=dt)
+        return v.new_zeros(v.shape), (S if output_final_state else None)
+    if q.shape[1] == 1:
+        return gla_step_torch(q, k, v, g, scale, initial_state, output_final_state)
+    return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state)
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t ; o_t = scale * q_t S_t.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, T, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, T, H, K]`, same dtype as q.
+        v (torch.Tensor):
+            values of shape `[B, T, H, V]`, same dtype as q.
+        g (torch.Tensor):
+            log forget gates of shape `[B, T, H, K]`, every entry <= 0 (checked off CUDA only,
+            where the check costs no device sync). Zero k and g at padding positions to leave
+            the state untouched there.
+        scale (Optional[float]):
+            multiplies q_t S_t. Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]):
+            state before the first token, `[N, H, K, V]` with N = B (or the number of packed
+            sequences), float32 (float64 for float64 inputs). Gradients flow into it. Default: `None` (zeros).
+        output_final_state (bool):
+            return the state after the last token. Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]):
+            `[N + 1]` offsets of N packed sequences in a B == 1 batch (FlashAttention's
+            convention); each sequence starts from its own initial state. Default: `None`.
+        backend (str):
+            "auto" (FLA's Triton kernels for CUDA tensors when fla imports, torch otherwise;
+            a single token without cu_seqlens on CUDA takes the lean torch step, which costs far
+            less host time than a kernel launch through FLA), "fla" (FLA or an error), or "torch".
+            Default: "auto".
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]` in v's dtype.
+        final_state (Optional[torch.Tensor]): `[N, H, K, V]` if `output_final_state` else None.
+    """
+    check_inputs(
+        q, k, v, g, gated=True, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend,
+    )
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    decode = q.shape[1] == 1 and cu_seqlens is None
+    if not (decode and backend == "auto") and fla_adapter.use_fla(backend, q):
+        return fla_adapter.gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

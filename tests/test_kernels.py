@@ -1,0 +1,266 @@
+"""CPU tests of swaa.kernels: the torch chunked and single-step paths against the float64 oracles,
+state carrying, packed sequences, gradients, dtypes, strong gates and argument errors."""
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swaa.kernels import gla, linear_attn, naive_gla, naive_linear_attn
+from swaa.kernels.gla import chunk_gla_torch
+
+F64 = torch.float64
+# the module, not the function the package exports under the same name
+GLA_MODULE = sys.modules["swaa.kernels.gla"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make(B, T, H, K, V, dtype=F64, seed=0, gate_scale=1.0, positive=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=F64)
+    k = torch.randn(B, T, H, K, generator=gen, dtype=F64)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen, dtype=F64)) * gate_scale
+    if positive:  # normalized linear attention is meant for non-negative feature maps
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+    h0 = torch.randn(B, H, K, V, generator=gen, dtype=F64)
+    z0 = torch.rand(B, H, K, generator=gen, dtype=F64) + 0.5
+    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
+    return q, k, v, g, h0.to(torch.float32 if dtype != F64 else F64), z0
+
+
+SIZES = [
+    pytest.param(2, 1, 2, 8, 8, id="T1"),
+    pytest.param(1, 63, 2, 16, 16, id="T63"),
+    pytest.param(2, 64, 2, 16, 16, id="T64"),
+    pytest.param(1, 65, 3, 16, 16, id="T65"),
+    pytest.param(2, 300, 2, 16, 16, id="T300"),
+    pytest.param(1, 130, 2, 16, 24, id="K!=V"),
+    pytest.param(1, 97, 2, 60, 20, id="K60"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,K,V", SIZES)
+@pytest.mark.parametrize("with_h0", [False, True], ids=["h0=None", "h0"])
+def test_gla_matches_oracle_float64(B, T, H, K, V, with_h0):
+    q, k, v, g, h0, _ = make(B, T, H, K, V)
+    h0 = h0 if with_h0 else None
+    o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.dtype == F64 and S.dtype == F64 and S.shape == (B, H, K, V)
+    assert rel(o, o_ref) < 1e-10
+    assert rel(S, S_ref) < 1e-10
+
+
+@pytest.mark.parametrize("B,T,H,K,V", SIZES)
+@pytest.mark.parametrize("with_h0", [False, True], ids=["h0=None", "h0"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_linear_attn_matches_oracle_float64(B, T, H, K, V, with_h0, normalize):
+    q, k, v, _, h0, z0 = make(B, T, H, K, V, positive=normalize)
+    state = None
+    if with_h0:
+        state = (h0, z0) if normalize else h0
+    o_ref, S_ref = naive_linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    assert o.dtype == F64
+    assert rel(o, o_ref) < 1e-10
+    if normalize:
+        assert isinstance(S, tuple) and S[0].shape == (B, H, K, V) and S[1].shape == (B, H, K)
+        assert rel(S[0], S_ref[0]) < 1e-10 and rel(S[1], S_ref[1]) < 1e-10
+    else:
+        assert rel(S, S_ref) < 1e-10
+
+
+def test_output_final_state_false_returns_none_and_no_initial_state_is_zeros():
+    q, k, v, g, h0, _ = make(1, 20, 2, 8, 8)
+    o, S = gla(q, k, v, g)
+    assert S is None
+    o0, _ = gla(q, k, v, g, initial_state=torch.zeros_like(h0))
+    assert rel(o, o0) < 1e-12
+
+
+@pytest.mark.parametrize("split", [1, 37, 64, 99])
+def test_gla_split_and_carry_equals_one_pass(split):
+    q, k, v, g, h0, _ = make(2, 150, 2, 16, 8)
+    o_full, S_full = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o1, S1 = gla(q[:, :split], k[:, :split], v[:, :split], g[:, :split], initial_state=h0, output_final_state=True)
+    o2, S2 = gla(q[:, split:], k[:, split:], v[:, split:], g[:, split:], initial_state=S1, output_final_state=True)
+    assert rel(torch.cat([o1, o2], 1), o_full) < 1e-10
+    assert rel(S2, S_full) < 1e-10
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_attn_split_and_carry_equals_one_pass(normalize):
+    q, k, v, _, h0, z0 = make(2, 150, 2, 16, 8, positive=True)
+    state = (h0, z0) if normalize else h0
+    o_full, S_full = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o1, S1 = linear_attn(q[:, :70], k[:, :70], v[:, :70], initial_state=state, output_final_state=True,
+                         normalize=normalize)
+    o2, S2 = linear_attn(q[:, 70:], k[:, 70:], v[:, 70:], initial_state=S1, output_final_state=True,
+                         normalize=normalize)
+    assert rel(torch.cat([o1, o2], 1), o_full) < 1e-10
+    if normalize:
+        assert rel(S2[0], S_full[0]) < 1e-10 and rel(S2[1], S_full[1]) < 1e-10
+    else:
+        assert rel(S2, S_full) < 1e-10
+
+
+def test_token_by_token_decode_equals_prefill():
+    # the generation round trip: prefill a prompt, then feed tokens one at a time (T == 1 path)
+    q, k, v, g, h0, _ = make(3, 40, 2, 8, 8)
+    o_full, S_full = gla(q, k, v, g, output_final_state=True)
+    o, S = gla(q[:, :30], k[:, :30], v[:, :30], g[:, :30], output_final_state=True)
+    outs = [o]
+    for t in range(30, 40):
+        o_t, S = gla(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], initial_state=S,
+                     output_final_state=True)
+        outs.append(o_t)
+    assert rel(torch.cat(outs, 1), o_full) < 1e-10 and rel(S, S_full) < 1e-10
+
+
+LENS = [[5, 70, 0, 1, 33], [64], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("lens", LENS, ids=["mixed+empty", "one", "ones"])
+def test_gla_cu_seqlens_equals_separate_runs(lens):
+    T = sum(lens)
+    q, k, v, g, _, _ = make(1, T, 2, 8, 12)
+    h0 = torch.randn(len(lens), 2, 8, 12, dtype=F64)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        o_n, S_n = gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h0[n:n + 1],
+                       output_final_state=True)
+        if e > s:
+            assert rel(o[:, s:e], o_n) < 1e-10
+        assert rel(S[n:n + 1], S_n) < 1e-10
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_attn_cu_seqlens_equals_separate_runs(normalize):
+    lens = [7, 0, 66, 20]
+    q, k, v, _, _, _ = make(1, sum(lens), 2, 8, 8, positive=True)
+    h0 = torch.randn(len(lens), 2, 8, 8, dtype=F64)
+    z0 = torch.rand(len(lens), 2, 8, dtype=F64) + 0.5
+    state = (h0, z0) if normalize else h0
+    cu = torch.tensor([0, 7, 7, 73, 93])
+    o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu)
+    for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        st = (h0[n:n + 1], z0[n:n + 1]) if normalize else h0[n:n + 1]
+        o_n, S_n = linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=st, output_final_state=True,
+                               normalize=normalize)
+        if e > s:
+            assert rel(o[:, s:e], o_n) < 1e-10
+        if normalize:
+            assert rel(S[0][n:n + 1], S_n[0]) < 1e-10 and rel(S[1][n:n + 1], S_n[1]) < 1e-10
+        else:
+            assert rel(S[n:n + 1], S_n) < 1e-10
+
+
+def test_left_padding_with_zeroed_k_and_g_leaves_state_untouched():
+    # how layers handle padded batches: k = 0 and g = 0 at padding positions
+    q, k, v, g, _, _ = make(1, 50, 2, 8, 8)
+    pad = 13
+    qp, kp, vp, gp = (torch.cat([torch.randn(1, pad, *x.shape[2:], dtype=F64), x], 1) for x in (q, k, v, g))
+    kp[:, :pad] = 0
+    gp[:, :pad] = 0
+    o, S = gla(q, k, v, g, output_final_state=True)
+    o_p, S_p = gla(qp, kp, vp, gp, output_final_state=True)
+    assert rel(o_p[:, pad:], o) < 1e-10 and rel(S_p, S) < 1e-10
+
+
+@pytest.mark.parametrize("T", [1, 6, 11])
+def test_gla_gradcheck(T, monkeypatch):
+    # a 4-token chunk makes T = 6 and 11 cross chunk boundaries (T = 1 is the single-step path)
+    monkeypatch.setattr(GLA_MODULE, "CHUNK_SIZE", 4)
+    q, k, v, g, h0, _ = make(2, T, 2, 3, 2)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+
+    def f(q, k, v, g, h0):
+        return gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("T", [1, 11])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_linear_attn_gradcheck(T, normalize, monkeypatch):
+    monkeypatch.setattr(GLA_MODULE, "CHUNK_SIZE", 4)
+    q, k, v, _, h0, z0 = make(1, T, 2, 3, 2, positive=True)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, h0, z0)]
+
+    def f(q, k, v, h0, z0):
+        o, S = linear_attn(q, k, v, initial_state=(h0, z0) if normalize else h0, output_final_state=True,
+                           normalize=normalize)
+        return (o, *S) if normalize else (o, S)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 100])
+def test_low_precision_inputs_keep_float32_state(dtype, T):
+    q, k, v, g, h0, z0 = make(2, T, 2, 16, 8, dtype=dtype)
+    o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype and S.dtype == torch.float32
+    o_ref, S_ref = naive_gla(*(x.double() for x in (q, k, v, g)), initial_state=h0.double(), output_final_state=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(o.double(), o_ref) < tol and rel(S.double(), S_ref) < 1e-5
+    o, (S, z) = linear_attn(q, k, v, initial_state=(h0, z0.float()), output_final_state=True, normalize=True)
+    assert o.dtype == dtype and S.dtype == torch.float32 and z.dtype == torch.float32
+
+
+@pytest.mark.parametrize("gate", ["realistic", "strong"])
+def test_gla_16k_tokens_stays_finite(gate):
+    B, T, H, K = 1, 16384, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, K, generator=gen) for _ in range(3))
+    x = torch.randn(B, T, H, K, generator=gen)
+    # realistic: GLA's logsigmoid(x) / 16; strong: -20 per token (decay e^-20 every step)
+    g = F.logsigmoid(x) / 16 if gate == "realistic" else torch.full_like(x, -20.0)
+    o, S = gla(q, k, v, g, output_final_state=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    if gate == "strong":
+        # each token only sees itself: o_t = scale * (q_t . k_t) v_t
+        expected = (q * k).sum(-1, keepdim=True) * v * K**-0.5
+        assert rel(o, expected) < 1e-5
+
+
+def test_strong_and_mixed_gates_match_oracle_float64():
+    # gates from -20 to ~0 per step within each chunk: exact despite e^(64 * 20) spans
+    q, k, v, g, h0, _ = make(1, 200, 2, 8, 8, seed=3)
+    g = -torch.rand_like(g) * 20 * (torch.rand_like(g) > 0.5)
+    o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, S = chunk_gla_torch(q, k, v, g, 8**-0.5, h0, True)
+    assert torch.isfinite(o).all()
+    assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+
+
+def test_gradients_finite_with_strong_gates():
+    q, k, v, g, h0, _ = make(1, 130, 2, 8, 8, dtype=torch.float32)
+    g = torch.full_like(g, -30.0)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o, S = gla(*xs[:4], initial_state=xs[4], output_final_state=True)
+    (o.sum() + S.sum()).backward()
+    assert all(torch.isfinite(x.grad).all() for x in xs)
+
+
+def test_auto_and_torch_backends_agree_on_cpu():
+    q, k, v, g, h0, _ = make(1, 70, 2, 8, 8)
+    a = gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="auto")
+    b = gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="torch")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_custom_scale_applies_to_q():
+    q, k, v, g, _, _ = make(1, 70, 2, 8, 8)
+    o1, _ = gla(q, k, v, g, scale=1.0)
+    o2, _ = gla(q * 0.3, k, v, g, scale=1.0)
+    o3, _ = gla(q, k, v, g, scale=0.3)
+    assert rel(o3, o2) < 1e-12 and rel(o3, 0.3 * o1) < 1e-12
