@@ -1,0 +1,158 @@
+"""GPU tests of swaa.kernels (marked `gpu`, skipped without CUDA): FLA through the dispatcher and
+the lean single-token path against the float64 oracle, forward, final state and every gradient."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+needs_fla = pytest.mark.skipif(not fla_available(), reason="needs FLA (pip install fla-core)")
+
+# relative error bounds of the issue: float32 inputs vs the float64 oracle, bfloat16 inputs
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(B, T, H, K, V, seed=0, positive=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", dtype=torch.float64, generator=gen)
+    q, k = torch.randn(B, T, H, K, **kw), torch.randn(B, T, H, K, **kw)
+    v = torch.randn(B, T, H, V, **kw)
+    # GLA's gate parametrisation: logsigmoid(x) / 16
+    g = F.logsigmoid(torch.randn(B, T, H, K, **kw)) / 16
+    if positive:
+        q, k = F.elu(q) + 1, F.elu(k) + 1
+    h0 = torch.randn(B, H, K, V, **kw)
+    z0 = torch.rand(B, H, K, **kw) + 0.5
+    do = torch.randn(B, T, H, V, **kw)
+    return q, k, v, g, h0, z0, do
+
+
+def grads(fn, tensors, do, dS):
+    """Forward, then backward of <o, do> + <S, dS>; returns (o, S, grads of `tensors`)."""
+    xs = [x.detach().clone().requires_grad_() for x in tensors]
+    o, S = fn(*xs)
+    loss = (o.double() * do).sum()
+    for s, ds in zip(S if isinstance(S, tuple) else (S,), dS):
+        loss = loss + (s.double() * ds).sum()
+    loss.backward()
+    return o.detach(), S, [x.grad for x in xs]
+
+
+SHAPES = [
+    pytest.param(2, 1, 2, 64, 64, id="T1"),
+    pytest.param(2, 63, 2, 64, 64, id="T63"),
+    pytest.param(2, 65, 2, 64, 64, id="T65"),
+    pytest.param(1, 300, 3, 64, 128, id="T300-K!=V"),
+    pytest.param(2, 200, 2, 128, 128, id="T200-D128"),
+]
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,K,V", SHAPES)
+def test_fla_gla_matches_float64_oracle(B, T, H, K, V, dtype):
+    q, k, v, g, h0, _, do = make(B, T, H, K, V)
+    dS = torch.randn_like(h0)
+    # the oracle sees the same rounded inputs, so what is measured is the kernel's error
+    low = [x.to(dtype) for x in (q, k, v, g)] + [h0.float()]
+    ref_o, ref_S, ref_g = grads(
+        lambda q, k, v, g, h0: naive_gla(q, k, v, g, initial_state=h0, output_final_state=True),
+        [x.double() for x in low], do, (dS,),
+    )
+    o, S, gr = grads(
+        lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="fla"),
+        low, do, (dS,),
+    )
+    assert o.dtype == dtype and S.dtype == torch.float32
+    tol = TOL[dtype]
+    assert rel(o, ref_o) < tol
+    assert rel(S, ref_S) < tol
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), gr, ref_g):
+        assert rel(a, b) < tol, name
+
+
+@needs_fla
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize("B,T,H,K,V", SHAPES)
+def test_fla_linear_attn_matches_float64_oracle(B, T, H, K, V, dtype, normalize):
+    q, k, v, _, h0, z0, do = make(B, T, H, K, V, positive=True)
+    dS = (torch.randn_like(h0), torch.randn_like(z0)) if normalize else (torch.randn_like(h0),)
+
+    def run(fn, backend=None):
+        def call(q, k, v, h0, z0):
+            extra = {} if backend is None else {"backend": backend}
+            return fn(q, k, v, initial_state=(h0, z0) if normalize else h0, output_final_state=True,
+                      normalize=normalize, **extra)
+        return call
+
+    low = [x.to(dtype) for x in (q, k, v)] + [h0.float(), z0.float()]
+    ref_o, ref_S, ref_g = grads(run(naive_linear_attn), [x.double() for x in low], do, dS)
+    o, S, gr = grads(run(linear_attn, "fla"), low, do, dS)
+    tol = TOL[dtype]
+    assert o.dtype == dtype and rel(o, ref_o) < tol
+    for a, b in zip(S if normalize else (S,), ref_S if normalize else (ref_S,)):
+        assert a.dtype == torch.float32 and rel(a, b) < tol
+    names = ("dq", "dk", "dv", "dh0", "dz0") if normalize else ("dq", "dk", "dv", "dh0")
+    for name, a, b in zip(names, gr, ref_g):
+        assert rel(a, b) < tol, name
+
+
+@needs_fla
+@pytest.mark.parametrize("T", [1, 64, 65, 1000])
+def test_dispatcher_backends_agree(T):
+    q, k, v, g, h0, _, _ = make(2, T, 4, 64, 64)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    h0 = h0.float()
+    results = {b: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=b)
+               for b in ("auto", "fla", "torch")}
+    for b in ("auto", "fla"):
+        assert rel(results[b][0], results["torch"][0]) < 5e-3
+        assert rel(results[b][1], results["torch"][1]) < 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lean_decode_step_matches_oracle_and_captures_in_a_cuda_graph(dtype):
+    B, H, K, V = 16, 16, 128, 128
+    q, k, v, g, h0, _, _ = make(B, 1, H, K, V)
+    args = [x.to(dtype) for x in (q, k, v, g)]
+    S = h0.float()
+    ref_o, ref_S = naive_gla(*(x.double() for x in args), initial_state=S.double(), output_final_state=True)
+    o, S1 = gla(*args, initial_state=S, output_final_state=True)  # auto: the lean torch step
+    assert rel(o, ref_o) < TOL[dtype] and rel(S1, ref_S) < 1e-5
+
+    # capture the same call in a graph; replaying it on new inputs gives the same answers
+    static = [x.clone() for x in args] + [S.clone()]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            gla(*static[:4], initial_state=static[4], output_final_state=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_o, out_S = gla(*static[:4], initial_state=static[4], output_final_state=True)
+    new = [torch.randn_like(x) for x in args[:3]] + [-torch.rand_like(args[3])]
+    for buf, x in zip(static, new):
+        buf.copy_(x)
+    graph.replay()
+    o_e, S_e = gla(*new, initial_state=S, output_final_state=True)
+    assert torch.allclose(out_o.float(), o_e.float(), rtol=1e-3, atol=1e-3)
+    assert torch.allclose(out_S, S_e, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_backend_on_cuda_matches_oracle():
+    q, k, v, g, h0, _, _ = make(2, 300, 2, 32, 16)
+    o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="torch")
+    assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
