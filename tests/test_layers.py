@@ -286,16 +286,13 @@ def test_chunked_prefill_and_decode_equal_one_forward(cls, opts):
     assert isinstance(state, tuple) == (cls is LinearAttention and layer.normalize)
 
 
-def test_cache_keyword_spellings_and_use_cache_false():
+def test_cache_keyword_spellings():
     layer = make(GatedLinearAttention)
     x = torch.randn(1, 3, 32, dtype=torch.float64)
     for name in ("past_key_values", "cache", "past_key_value"):
         cache = DynamicCache()
         layer(x, **{name: cache})
         assert cache.get_recurrent_state(0) is not None and cache.get_seq_length() == 3, name
-    cache = DynamicCache()
-    layer(x, past_key_values=cache, use_cache=False)
-    assert cache.get_recurrent_state(0) is None and cache.get_seq_length() == 0
 
 
 def test_state_of_another_batch_size_is_refused():

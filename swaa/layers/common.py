@@ -357,7 +357,7 @@ class RecurrentAttentionBase(nn.Module):
             past_key_values (transformers.Cache, Optional): the model's cache; also accepted as
                 ``cache=`` (transformers 5.x) or ``past_key_value=``. The layer keeps its recurrent state
                 there (``state_update``), counting ``T`` new positions so ``get_seq_length()`` stays right.
-                Ignored when ``use_cache=False`` is passed. Default: None.
+                Without a cache nothing is read or written. Default: None.
             position_embeddings (tuple, Optional): ``(cos, sin)``, each ``[B, T, head_dim]``, from the host's
                 rotary module; applied to q and k when ``use_rope`` is on. Default: None.
             cache_position (torch.LongTensor, Optional): ``[T]`` positions of the new tokens in the cache
@@ -368,9 +368,10 @@ class RecurrentAttentionBase(nn.Module):
             ``(attn_output [B, T, hidden_size], None)``: the second item stands for the attention
             weights a softmax attention returns; a linear layer has none.
         """
+        # like the softmax attention it replaces, the layer follows the cache it is handed and ignores
+        # `use_cache`: Llama's 4.57 decoder layer passes use_cache=False next to a live cache, and a
+        # host model with use_cache=False passes no cache at all
         cache = _pick_cache(past_key_values, kwargs)
-        if kwargs.get("use_cache") is False:
-            cache = None
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"hidden_states must be [B, T, {self.hidden_size}], got shape {tuple(hidden_states.shape)}"

@@ -1,0 +1,202 @@
+"""The layers inside tiny random Qwen3 and Llama models, swapped in by hand
+(``model.model.layers[i].self_attn = GatedLinearAttention(model.config, i)``): the round trips a user
+relies on in forward, training and generate(), on transformers 4.57 and 5.x."""
+
+import inspect
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from swaa.layers import GatedLinearAttention, LinearAttention
+
+# transformers 5.2x renamed the model's `past_key_values` argument (and output field) to `cache`
+CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+)
+
+SHAPE = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny(family, linear_layers, kind, attn="sdpa", dtype=torch.float64, **opts):
+    """A tiny random model of `family` with the attention of `linear_layers` replaced by `kind`,
+    the replaced attention's weights copied into it."""
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, attn_implementation=attn))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**SHAPE, attention_bias=True, attn_implementation=attn))
+    cls = GatedLinearAttention if kind == "gla" else LinearAttention
+    for i in linear_layers:
+        old = model.model.layers[i].self_attn
+        new = cls(model.config, i, **opts)
+        assert new.load_state_dict(old.state_dict(), strict=False).unexpected_keys == []
+        model.model.layers[i].self_attn = new
+    # the generation tests must not stop early on a random eos
+    model.generation_config.eos_token_id = None
+    return model.to(dtype).eval()
+
+
+def call(model, ids, cache=None, **kwargs):
+    if cache is not None:
+        kwargs[CACHE_ARG] = cache
+        kwargs["use_cache"] = True
+    return model(ids, **kwargs)
+
+
+def ids_for(B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, SHAPE["vocab_size"], (B, T), generator=g)
+
+
+MODELS = [
+    pytest.param("qwen3", "gla", id="qwen3-gla"),
+    pytest.param("qwen3", "linear", id="qwen3-linear"),
+    pytest.param("llama", "gla", id="llama-gla"),
+    pytest.param("llama", "linear", id="llama-linear"),
+]
+# layer 0 linear (the cache's length then comes from a state-only layer), a middle one, all of them
+LAYOUTS = [pytest.param((0,), id="first"), pytest.param((1,), id="middle"), pytest.param((0, 1, 2), id="all")]
+
+
+@pytest.mark.parametrize("layers", LAYOUTS)
+@pytest.mark.parametrize("family, kind", MODELS)
+def test_prefill_then_decode_and_chunked_prefill_equal_one_forward(family, kind, layers):
+    model = tiny(family, layers, kind)
+    ids = ids_for(2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        # no position_ids anywhere: positions come from cache.get_seq_length(), which a state-only
+        # layer 0 must answer right
+        for chunks in ((6, 1, 1, 1, 1), (3, 4, 3)):
+            cache = DynamicCache()
+            logits, start = [], 0
+            for n in chunks:
+                logits.append(call(model, ids[:, start : start + n], cache).logits)
+                start += n
+                assert cache.get_seq_length() == start
+            torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family, kind", MODELS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padded_batch_equals_each_sequence_alone(family, kind, attn):
+    # layers 0 and 2 linear, 1 softmax: the softmax layer sees the padding through its own mask
+    model = tiny(family, (0, 2), kind, attn=attn)
+    lengths = [8, 5, 2]
+    B, T = len(lengths), max(lengths)
+    seqs = [ids_for(1, n, seed=10 + n) for n in lengths]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, lengths)):
+        ids[b, T - n :], mask[b, T - n :] = s[0], 1
+    nxt = ids_for(B, 1, seed=3)
+    # position_ids given: RoPE of a padded batch otherwise differs by float32 noise (TRANSFORMERS_NOTES)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = call(model, ids, cache, attention_mask=mask, position_ids=pos).logits
+        mask2 = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], 1)
+        step = call(model, nxt, cache, attention_mask=mask2, position_ids=pos[:, -1:] + 1).logits
+        for b, (s, n) in enumerate(zip(seqs, lengths)):
+            alone_cache = DynamicCache()
+            alone = call(model, s, alone_cache).logits
+            alone_step = call(model, nxt[b : b + 1], alone_cache).logits
+            torch.testing.assert_close(out[b, T - n :], alone[0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(step[b], alone_step[0], rtol=1e-9, atol=1e-9)
+            for i in (0, 2):
+                padded, single = cache.get_recurrent_state(i), alone_cache.get_recurrent_state(i)
+                for p, q in zip(
+                    padded if isinstance(padded, tuple) else (padded,),
+                    single if isinstance(single, tuple) else (single,),
+                ):
+                    torch.testing.assert_close(p[b : b + 1], q, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family, kind", MODELS[::2])
+def test_use_cache_false_makes_no_cache(family, kind):
+    model = tiny(family, (0,), kind)
+    out = model(ids_for(1, 4), use_cache=False)
+    assert getattr(out, CACHE_ARG) is None
+
+
+def generate(model, ids, mask, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("family, kind", MODELS)
+def test_generate_with_and_without_cache_gives_the_same_tokens(family, kind):
+    model = tiny(family, (0, 2), kind)
+    ids = ids_for(2, 5)
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    for opts in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
+        cached = generate(model, ids, mask, use_cache=True, **opts)
+        uncached = generate(model, ids, mask, use_cache=False, **opts)
+        assert cached.shape == (2, 11)
+        assert torch.equal(cached, uncached), opts
+
+
+@pytest.mark.parametrize("family, kind", MODELS[:2])
+def test_greedy_generate_of_a_padded_batch_equals_each_prompt_alone(family, kind):
+    model = tiny(family, (0, 2), kind)
+    lengths = [6, 3]
+    prompts = [ids_for(1, n, seed=20 + n) for n in lengths]
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for b, (p, n) in enumerate(zip(prompts, lengths)):
+        ids[b, 6 - n :], mask[b, 6 - n :] = p[0], 1
+    batch = generate(model, ids, mask, do_sample=False)
+    for b, p in enumerate(prompts):
+        alone = generate(model, p, torch.ones_like(p), do_sample=False)
+        assert torch.equal(batch[b, 6:], alone[0, p.shape[1] :])
+
+
+@pytest.mark.parametrize("family, kind", MODELS[:2])
+def test_seeded_sampling_is_reproducible(family, kind):
+    model = tiny(family, (0, 2), kind)
+    ids = ids_for(2, 4)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        runs.append(generate(model, ids, torch.ones_like(ids), do_sample=True, top_k=0, temperature=1.5))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("family, kind", MODELS)
+def test_training_gradients_reach_every_parameter(family, kind):
+    model = tiny(family, (0, 2), kind, dtype=torch.float32, output_gate=True).train()
+    ids = ids_for(2, 7)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if ".self_attn." in name and int(name.split(".")[2]) in (0, 2):
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_bf16_model_runs_with_float32_states():
+    model = tiny("qwen3", (0, 2), "gla", dtype=torch.bfloat16)
+    ids = ids_for(2, 6)
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = call(model, ids, cache).logits
+        call(model, ids[:, :1], cache)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert cache.get_recurrent_state(0).dtype == torch.float32
+    assert cache.get_seq_length() == 7
