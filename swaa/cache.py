@@ -186,8 +186,9 @@ def _check_layer_idx(layer_idx) -> int:
 
 
 def _state_kwarg(args, kwargs):
-    """The `cache_kwargs` of an `update` call if it carries a recurrent state, else None."""
-    cache_kwargs = kwargs["cache_kwargs"] if "cache_kwargs" in kwargs else (args[0] if args else None)
+    """The `cache_kwargs` of an `update` call if it carries a recurrent state, else None (kept lean: it runs
+    on every key/value update of every layer)."""
+    cache_kwargs = args[0] if args else kwargs.get("cache_kwargs")
     if isinstance(cache_kwargs, dict) and "recurrent_state" in cache_kwargs:
         return cache_kwargs
     return None
@@ -715,15 +716,15 @@ _CACHE_ADDED = {
 
 
 def _family(roots) -> list[type]:
-    seen: list[type] = []
+    seen: dict[type, None] = {}
     stack = list(roots)
     while stack:
         cls = stack.pop()
         if cls in seen:
             continue
-        seen.append(cls)
+        seen[cls] = None
         stack.extend(cls.__subclasses__())
-    return seen
+    return list(seen)
 
 
 def _set(cls: type, name: str, value) -> None:
@@ -734,15 +735,19 @@ def _set(cls: type, name: str, value) -> None:
     setattr(cls, name, value)
 
 
-def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs: dict) -> None:
+def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs) -> None:
     for cls in _family(roots):
+        if cls in _saved:
+            continue  # patched by an earlier call: a repeated hack only looks at new classes
+        _saved[cls] = {}
         own = cls.__dict__
         for name, func in added.items():
             # on the roots, and on any class that defines the name itself (it would shadow the root's)
             if cls in roots or name in own:
                 _set(cls, name, func)
-        for name, value in extra_root_attrs.get(cls, {}).items():
-            _set(cls, name, value)
+        if cls in roots:
+            for name, value in extra_root_attrs(cls).items():
+                _set(cls, name, value)
         for name, make in wrappers.items():
             orig = own.get(name, _MISSING)
             if orig is _MISSING or name in _saved.get(cls, {}):
@@ -756,24 +761,24 @@ def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs: dict) ->
 def hack_kv_cache_recurrent_state() -> None:
     """Patches every transformers cache layer class and `Cache` class to carry a recurrent state.
 
-    Idempotent and thread-safe; calling it again also patches layer classes defined since the last call.
-    See the module docstring for the API it adds.
+    Idempotent and thread-safe; calling it again also patches layer classes defined since the last call
+    (about 20 us; code on a hot path checks `is_hacked()` first). See the module docstring for the API.
     """
     global _hacked
     with _lock:
-        root_attrs: dict[type, dict[str, object]] = {}
-        for root in _LAYER_ROOTS:
-            if root is _NATIVE:
-                attrs = {"recurrent_state_initialized": property(_native_initialized)}
-                for op in ("batch_repeat_interleave", "batch_select_indices"):
-                    if not hasattr(root, op):
-                        attrs[op] = _native_batch_op(op)
-                root_attrs[root] = attrs
-            else:
-                root_attrs[root] = {"recurrent_state_initialized": False}
-        _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, root_attrs)
-        _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, {})
+        _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs)
+        _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, lambda cls: {})
         _hacked = True
+
+
+def _root_attrs(root: type) -> dict:
+    if root is _NATIVE:
+        attrs = {"recurrent_state_initialized": property(_native_initialized)}
+        for op in ("batch_repeat_interleave", "batch_select_indices"):
+            if not hasattr(root, op):
+                attrs[op] = _native_batch_op(op)
+        return attrs
+    return {"recurrent_state_initialized": False}
 
 
 def unhack_kv_cache_recurrent_state() -> None:
