@@ -63,7 +63,8 @@ def family():
 
 
 def snapshot():
-    return {cls: dict(cls.__dict__) for cls in family()}
+    # `copy.deepcopy` makes copyreg cache `__slotnames__` on a class: the standard library's doing, not ours
+    return {cls: {k: v for k, v in cls.__dict__.items() if k != "__slotnames__"} for cls in family()}
 
 
 def assert_same_dicts(before, after):
@@ -668,6 +669,33 @@ def test_native_other_state_idx_goes_to_transformers_and_plain_layers_refuse_it(
     try:
         with pytest.raises(ValueError, match="non linear attention layer"):
             cache.get_recurrent_state(1)
+    finally:
+        if was:
+            hack_kv_cache_recurrent_state()
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+
+def test_module_docstring_example_runs():
+    doc = sc.__doc__
+    example = doc[doc.index("Example::") + len("Example::") : doc.index("``demo()``")]
+    lines = [line[4:] for line in example.splitlines() if line.strip()]
+    exec(compile("\n".join(lines), "swaa.cache docstring", "exec"), {})
+    hack_kv_cache_recurrent_state()  # the example ends with an unhack; the fixture expects the patch
+
+
+def test_demo_prints_each_step_and_leaves_the_patch_as_found(capsys):
+    was = sc.is_hacked()
+    unhack_kv_cache_recurrent_state()
+    try:
+        before = snapshot()
+        sc.demo()
+        out = capsys.readouterr().out
+        assert "stored object is the one passed in: True; cache.get_seq_length() = 6" in out
+        assert "state rows follow the beams: True" in out
+        assert "crop(-1) refused" in out and "state_update([1.0], 0) refused" in out
+        assert_same_dicts(before, snapshot())
     finally:
         if was:
             hack_kv_cache_recurrent_state()

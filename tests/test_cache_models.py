@@ -167,3 +167,60 @@ def test_state_only_layer_0_keeps_positions_and_masks_of_a_direct_forward():
     # and a chunk against cached keys gets a mask of the wrong size
     with pytest.raises(RuntimeError, match="size"):
         _run_steps(uncounted, chunks)
+
+
+class PrefixSumMixer(nn.Module):
+    """A causal 'linear attention' for layer 0 whose output depends on the whole prefix through a state:
+    o_t = W (x_1 + ... + x_t) / t. With a cache it resumes from the stored running sum; without one
+    (use_cache=False) it recomputes the prefix, which makes it its own reference."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, hidden_states, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        B, T, D = hidden_states.shape
+        prev = cache.get_recurrent_state(0) if cache is not None else None
+        prev_sum, prev_len = (
+            (hidden_states.new_zeros(B, D), 0) if prev is None else (prev, cache.get_seq_length(0))
+        )
+        sums = prev_sum[:, None] + hidden_states.cumsum(1)  # [B, T, D]
+        if cache is not None:
+            cache.state_update(sums[:, -1], 0, {"num_new_tokens": T})
+        steps = torch.arange(prev_len + 1, prev_len + T + 1, dtype=hidden_states.dtype)
+        return self.w(sums / steps[None, :, None]), None
+
+
+def _beam_search(model, ids, use_cache):
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        num_beams=3,
+        num_return_sequences=3,
+        max_new_tokens=6,
+        do_sample=False,
+        use_cache=use_cache,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+
+
+def test_beam_search_with_a_recurrent_layer_0_matches_recomputing_without_cache(monkeypatch):
+    model = tiny_qwen3(seed=3)
+    model.generation_config.eos_token_id = None
+    model.model.layers[0].self_attn = PrefixSumMixer(model.config.hidden_size)
+    torch.manual_seed(4)
+    ids = torch.randint(1, 64, (2, 5))
+    with torch.no_grad():
+        ref = _beam_search(model, ids, use_cache=False)
+        out = _beam_search(model, ids, use_cache=True)
+        assert torch.equal(out.sequences, ref.sequences)
+        torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+        # without the state following `reorder_cache`, beam search goes silently wrong
+        monkeypatch.setitem(sc._BATCH_FNS, "reorder_cache", lambda layer, beam_idx: lambda t: t)
+        broken = _beam_search(model, ids, use_cache=True)
+    assert not torch.equal(broken.sequences, ref.sequences) or not torch.allclose(
+        broken.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5
+    )
