@@ -135,7 +135,6 @@ def _raw_depth() -> dict:
     return depth
 
 
-# ---------------------------------------------------------------------------------------------------------
 # validation
 
 
@@ -194,7 +193,6 @@ def _state_kwarg(args, kwargs):
     return None
 
 
-# ---------------------------------------------------------------------------------------------------------
 # where a layer keeps its state: the one place that knows plain layers from native linear-attention ones
 
 
@@ -281,7 +279,6 @@ def _kv_length(layer):
             del depth[key]
 
 
-# ---------------------------------------------------------------------------------------------------------
 # methods added to every layer class
 
 
@@ -325,10 +322,6 @@ def _layer_set_recurrent_state(self, state):
 
 def _layer_is_recurrent_state_initialized(self) -> bool:
     """Whether this layer holds a recurrent state."""
-    return _read(self) is not None
-
-
-def _native_initialized(self) -> bool:
     return _read(self) is not None
 
 
@@ -397,7 +390,6 @@ _BATCH_ARG = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
 # wrappers around the layer methods transformers already has
 
 
@@ -575,7 +567,6 @@ _LAYER_ADDED = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
 # Cache-level methods
 
 
@@ -711,7 +702,6 @@ _CACHE_ADDED = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
 # hack / unhack
 
 
@@ -773,7 +763,7 @@ def hack_kv_cache_recurrent_state() -> None:
 
 def _root_attrs(root: type) -> dict:
     if root is _NATIVE:
-        attrs = {"recurrent_state_initialized": property(_native_initialized)}
+        attrs = {"recurrent_state_initialized": property(_layer_is_recurrent_state_initialized)}
         for op in ("batch_repeat_interleave", "batch_select_indices"):
             if not hasattr(root, op):
                 attrs[op] = _native_batch_op(op)
@@ -804,7 +794,6 @@ def is_hacked() -> bool:
     return _hacked
 
 
-# ---------------------------------------------------------------------------------------------------------
 # demo
 
 

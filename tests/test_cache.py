@@ -226,6 +226,20 @@ def test_cache_with_fixed_layers_refuses_missing_layer():
     assert cache.get_recurrent_state(3) is None
 
 
+def test_encoder_decoder_cache_keeps_the_state_in_its_decoder_cache():
+    from transformers import EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    s = torch.arange(2.0)
+    assert cache.state_update(s, 1, {"num_new_tokens": 3}) is s
+    assert cache.self_attention_cache.get_recurrent_state(1) is s and cache.get_recurrent_state(1) is s
+    assert cache.is_recurrent_state_initialized(1) and cache.get_seq_length(1) == 3
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(cache.get_recurrent_state(1), torch.tensor([1.0, 1.0]))
+    with pytest.raises(RuntimeError, match="layer 1"):
+        cache.crop(-1)
+
+
 def test_state_only_layer_reports_its_token_count():
     cache = DynamicCache()
     cache.state_update(torch.ones(1), 0, {"num_new_tokens": 7})
