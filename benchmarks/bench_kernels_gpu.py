@@ -8,7 +8,8 @@
    chunked kernel directly at T=4096 (B=4), and vs causal `scaled_dot_product_attention` at
    T = 2k, 8k, 32k with B*T = 16k (B=1 at 32k).
 3. Decode, one token (bf16 inputs, float32 state, H=16, K=V=128, B=1 and 16): FLA's fused
-   recurrent call vs swaa's paths; eager host wall time per call (a loop of calls between two
+   recurrent call vs swaa's paths ("auto" = swaa's one-kernel Triton step, the torch step, each
+   with and without the public function's checks); eager host wall time per call (a loop of calls between two
    syncs), GPU time per call (CUDA events, triton's do_bench median, L2 flushed), and both again
    for one replay of a CUDA graph holding the call. The memory floor is the GPU time of reading
    and writing the float32 state once (a device copy).
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
 from swaa.kernels.fla_adapter import fla_version
 from swaa.kernels.gla import gla_step_torch
+from swaa.kernels.step_triton import decode_step_triton, triton_step_available
 
 H, D = 16, 128
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
@@ -106,10 +108,14 @@ def decode_fns(B):
     q, k, v, g, S = rand(B, 1)
     scale = D**-0.5
     fns = {
-        "swaa gla auto (lean step)": lambda: gla(q, k, v, g, initial_state=S, output_final_state=True),
-        "swaa gla step, no checks": lambda: gla_step_torch(q, k, v, g, scale, S, True),
-        "swaa linear_attn auto (lean step)": lambda: linear_attn(q, k, v, initial_state=S, output_final_state=True),
+        "swaa gla auto": lambda: gla(q, k, v, g, initial_state=S, output_final_state=True),
+        "swaa gla backend=torch (torch step)": lambda: gla(q, k, v, g, initial_state=S, output_final_state=True,
+                                                           backend="torch"),
+        "torch step, no checks": lambda: gla_step_torch(q, k, v, g, scale, S, True),
+        "swaa linear_attn auto": lambda: linear_attn(q, k, v, initial_state=S, output_final_state=True),
     }
+    if triton_step_available():
+        fns["triton step, no checks"] = lambda: decode_step_triton(q, k, v, g, scale, S, True)
     if fla_available():
         ops = fla_ops()
         fns["FLA fused_recurrent_gla"] = lambda: ops["fused_recurrent_gla"](

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
+from swaa.kernels.step_triton import decode_step_triton, triton_step_available
 
 pytestmark = [
     pytest.mark.gpu,
@@ -121,14 +122,41 @@ def test_dispatcher_backends_agree(T):
         assert rel(results[b][1], results["torch"][1]) < 5e-3
 
 
+needs_triton = pytest.mark.skipif(not triton_step_available(), reason="needs triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("B,H,K,V", [(16, 16, 128, 128), (3, 2, 60, 40), (1, 4, 256, 64)])
+@pytest.mark.parametrize("gated", [True, False], ids=["gla", "linear_attn"])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no-h0"])
+def test_triton_decode_step_matches_oracle(B, H, K, V, dtype, gated, with_h0):
+    q, k, v, g, h0, _, _ = make(B, 1, H, K, V)
+    args = [x.to(dtype) for x in (q, k, v, g)]
+    S = h0.float() if with_h0 else None
+    S64 = S.double() if with_h0 else None
+    if gated:
+        ref_o, ref_S = naive_gla(*(x.double() for x in args), initial_state=S64, output_final_state=True)
+    else:
+        ref_o, ref_S = naive_linear_attn(*(x.double() for x in args[:3]), initial_state=S64, output_final_state=True)
+    o, S1 = decode_step_triton(*args[:3], args[3] if gated else None, K**-0.5, S, True)
+    assert o.dtype == dtype and S1.dtype == torch.float32
+    assert rel(o, ref_o) < TOL.get(dtype, 2e-2) and rel(S1, ref_S) < 1e-5
+
+
+# the decode paths "auto" can take on CUDA: the Triton step (no grad) and the torch step
+DECODE_PATHS = [pytest.param("auto", marks=needs_triton, id="auto-triton"), pytest.param("torch", id="torch-step")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_lean_decode_step_matches_oracle_and_captures_in_a_cuda_graph(dtype):
+@pytest.mark.parametrize("backend", DECODE_PATHS)
+def test_decode_step_matches_oracle_and_captures_in_a_cuda_graph(dtype, backend):
     B, H, K, V = 16, 16, 128, 128
     q, k, v, g, h0, _, _ = make(B, 1, H, K, V)
     args = [x.to(dtype) for x in (q, k, v, g)]
     S = h0.float()
     ref_o, ref_S = naive_gla(*(x.double() for x in args), initial_state=S.double(), output_final_state=True)
-    o, S1 = gla(*args, initial_state=S, output_final_state=True)  # auto: the lean torch step
+    o, S1 = gla(*args, initial_state=S, output_final_state=True, backend=backend)
     assert rel(o, ref_o) < TOL[dtype] and rel(S1, ref_S) < 1e-5
 
     # capture the same call in a graph; replaying it on new inputs gives the same answers
@@ -137,18 +165,26 @@ def test_lean_decode_step_matches_oracle_and_captures_in_a_cuda_graph(dtype):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            gla(*static[:4], initial_state=static[4], output_final_state=True)
+            gla(*static[:4], initial_state=static[4], output_final_state=True, backend=backend)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out_o, out_S = gla(*static[:4], initial_state=static[4], output_final_state=True)
+        out_o, out_S = gla(*static[:4], initial_state=static[4], output_final_state=True, backend=backend)
     new = [torch.randn_like(x) for x in args[:3]] + [-torch.rand_like(args[3])]
     for buf, x in zip(static, new):
         buf.copy_(x)
     graph.replay()
-    o_e, S_e = gla(*new, initial_state=S, output_final_state=True)
+    o_e, S_e = gla(*new, initial_state=S, output_final_state=True, backend=backend)
     assert torch.allclose(out_o.float(), o_e.float(), rtol=1e-3, atol=1e-3)
     assert torch.allclose(out_S, S_e, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_with_gradients_uses_a_differentiable_path():
+    q, k, v, g, h0, _, _ = make(2, 1, 2, 16, 16)
+    xs = [x.float().requires_grad_() for x in (q, k, v, g, h0)]
+    o, S = gla(*xs[:4], initial_state=xs[4], output_final_state=True)
+    (o.sum() + S.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)
 
 
 def test_torch_backend_on_cuda_matches_oracle():

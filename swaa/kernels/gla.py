@@ -10,6 +10,7 @@ import torch
 from swaa.kernels import fla_adapter
 from swaa.kernels._checks import check_inputs
 from swaa.kernels._varlen import Packing
+from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
 # tokens per chunk of the torch chunked form; a power of two (the intra-chunk part halves it)
 CHUNK_SIZE = 64
@@ -182,8 +183,9 @@ def gla(
             convention); each sequence starts from its own initial state. Default: `None`.
         backend (str):
             "auto" (FLA's Triton kernels for CUDA tensors when fla imports, torch otherwise;
-            a single token without cu_seqlens on CUDA takes the lean torch step, which costs far
-            less host time than a kernel launch through FLA), "fla" (FLA or an error), or "torch".
+            a single token without cu_seqlens takes the decode step: swaa's one-kernel Triton
+            step on CUDA when no gradients are wanted, which costs far less host time than FLA's
+            launch path, else a few torch ops), "fla" (FLA or an error), or "torch".
             Default: "auto".
 
     Returns:
@@ -196,7 +198,11 @@ def gla(
     )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    decode = q.shape[1] == 1 and cu_seqlens is None
-    if not (decode and backend == "auto") and fla_adapter.use_fla(backend, q):
+    if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
+        # decode: one kernel of ours on CUDA (far less host time than FLA's launch path), else torch
+        if use_triton_step(q, k, v, g, initial_state):
+            return decode_step_triton(q, k, v, g, scale, initial_state, output_final_state)
+        return gla_step_torch(q, k, v, g, scale, initial_state, output_final_state)
+    if fla_adapter.use_fla(backend, q):
         return fla_adapter.gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -15,6 +15,7 @@ from swaa.kernels._checks import check_inputs
 from swaa.kernels._varlen import Packing
 from swaa.kernels.gla import _blocks, _chunk_size, _unblocks
 from swaa.kernels.naive import NORMALIZE_EPS
+from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
 __all__ = ["linear_attn", "chunk_linear_attn_torch", "linear_attn_step_torch", "NORMALIZE_EPS"]
 
@@ -160,8 +161,9 @@ def linear_attn(
             from its own initial state. Default: `None`.
         backend (str):
             "auto" (FLA's Triton kernels for CUDA tensors when fla imports, torch otherwise; a
-            single token without cu_seqlens on CUDA takes the lean torch step), "fla" (FLA or
-            an error), or "torch". With FLA the normalization runs in float32 torch on top of
+            single token without cu_seqlens takes the decode step: swaa's one-kernel Triton
+            step on CUDA when unnormalized and no gradients are wanted, else a few torch ops),
+            "fla" (FLA or an error), or "torch". With FLA the normalization runs in float32 torch on top of
             FLA's unnormalized kernel. Default: "auto".
 
     Returns:
@@ -174,8 +176,12 @@ def linear_attn(
     )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    decode = q.shape[1] == 1 and cu_seqlens is None
-    if not (decode and backend == "auto") and fla_adapter.use_fla(backend, q):
+    if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
+        # decode: one kernel of ours on CUDA when it applies, else a few torch ops
+        if not normalize and use_triton_step(q, k, v, initial_state):
+            return decode_step_triton(q, k, v, None, scale, initial_state, output_final_state)
+        return linear_attn_step_torch(q, k, v, scale, initial_state, output_final_state, normalize)
+    if fla_adapter.use_fla(backend, q):
         S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
         # FLA's normalized state changed layout and precision across releases: normalize here
         o, S = fla_adapter.linear_attn(q, k, v, scale, S0, output_final_state, cu_seqlens)
