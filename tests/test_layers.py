@@ -174,7 +174,7 @@ def test_low_rank_gate_starts_with_long_and_short_memories():
     x = torch.randn(2, 6, 32)
     k = layer.k_proj(x).view(2, 6, 2, 8)
     g = layer._gate(x, k)
-    assert g.shape == (2, 6, 2, 8) and (g <= 0).all() and g.dtype == torch.float32
+    assert g.shape == (2, 6, 2, 8) and (g <= 0).all()
     decay = g.exp().mean((0, 1, 2))
     # time constants 10 .. 1000 tokens across the key dims (small input-dependent spread)
     assert 0.85 < decay.min() < 0.95 and 0.995 < decay.max() <= 1.0

@@ -9,6 +9,7 @@ and the kernel call (``_mix``). Everything else, in the order a forward runs it,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -215,6 +216,24 @@ def _pick_cache(past_key_values, kwargs: dict):
     return past_key_values
 
 
+_FLA_NORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _fla_norms():
+    """FLA's fused ``(rms_norm, rms_norm_gated)``, or None when fla does not import (CPU, no triton)."""
+    try:
+        try:
+            from fla.modules.norm.fused_norm_gate import rms_norm_gated
+            from fla.modules.norm.layernorm import rms_norm
+        except ImportError:  # fla < 0.5 kept them one level up
+            from fla.modules.fused_norm_gate import rms_norm_gated
+            from fla.modules.layernorm import rms_norm
+    except Exception:  # ImportError, or triton failing to initialise without a GPU driver
+        return None
+    return rms_norm, rms_norm_gated
+
+
 _CACHE_PATCHED = False
 
 
@@ -419,12 +438,25 @@ class RecurrentAttentionBase(nn.Module):
         if cache is not None:
             cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
 
-        if self.output_norm:
+        gate = self.g_proj(hidden_states).view_as(o) if self.output_gate else None
+        o = self._output_norm_and_gate(o, gate)
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).to(hidden_states.dtype)), None
+
+    def _output_norm_and_gate(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """``o_norm(o) * swish(gate)`` per head (each part optional); o and gate ``[B, T, H, V]``."""
+        if not self.output_norm:
+            return o if gate is None else o * F.silu(gate)
+        fused = (
+            _fla_norms() if (o.is_cuda and self.backend != "torch" and o.dtype in _FLA_NORM_DTYPES) else None
+        )
+        if fused is None:
             o = self.o_norm(o)
-        o = o.reshape(B, T, self.num_heads * self.head_dim)
-        if self.output_gate:
-            o = o * F.silu(self.g_proj(hidden_states))
-        return self.o_proj(o.to(hidden_states.dtype)), None
+            return o if gate is None else o * F.silu(gate)
+        # on CUDA, FLA's fused Triton norm (+ gate): one pass over o instead of six, the same maths
+        rms_norm, rms_norm_gated = fused
+        if gate is None:
+            return rms_norm(o, self.o_norm.weight, None, eps=self.o_norm.eps)
+        return rms_norm_gated(o, gate, self.o_norm.weight, None, "swish", eps=self.o_norm.eps)
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -109,9 +109,8 @@ class GatedLinearAttention(RecurrentAttentionBase):
             logits = self.gk_proj(hidden_states).view(B, T, Hk, self.key_feature_dim)
         else:
             logits = k.mean(-1, keepdim=True).expand(B, T, Hk, self.key_feature_dim)
-        # float32 for half inputs: decays near 1 need more than bf16's 8 bits to accumulate over T
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        return F.logsigmoid(logits.to(dtype)) / self.gate_logit_normalizer
+        # in the activation dtype, as FLA's layer does: the kernels accumulate gates in float32
+        return F.logsigmoid(logits) / self.gate_logit_normalizer
 
     def _mix(self, q, k, v, g, initial_state, output_final_state):
         return kernels.gla(
