@@ -23,8 +23,8 @@ needs_native = pytest.mark.skipif(
 LAYER_API = ("state_update", "get_recurrent_state", "set_recurrent_state", "is_recurrent_state_initialized")
 # 5.x passes `query_length` to get_mask_sizes, 4.57 a `cache_position` tensor
 MASK_TAKES_POSITIONS = "cache_position" in inspect.signature(cu.DynamicLayer.get_mask_sizes).parameters
-# 4.x `crop(n)` keeps n tokens, 5.x `crop(-n)` removes n
-CROP_KEEPS = int(transformers.__version__.split(".")[0]) < 5
+# 4.x: `crop(n)` keeps n tokens (5.x: `crop(-n)` removes n), `lazy_initialization(keys)` takes keys only
+TF4 = int(transformers.__version__.split(".")[0]) < 5
 
 
 class CountingReorderLayer(cu.DynamicLayer):
@@ -250,6 +250,13 @@ def test_state_only_layer_reports_its_token_count():
     # a layer with keys keeps answering from its keys
     cache.layers[1].state_update(torch.ones(1), {"num_new_tokens": 99})
     assert cache.get_seq_length(1) == 10
+    # static layers too, also once their key buffers are allocated (still empty)
+    static = cu.StaticLayer(max_cache_len=8)
+    static.state_update(torch.ones(1), {"num_new_tokens": 3})
+    assert static.get_seq_length() == 3
+    k = torch.zeros(1, 2, 0, 4)
+    static.lazy_initialization(k) if TF4 else static.lazy_initialization(k, k)
+    assert static.get_seq_length() == 3
 
 
 @pytest.mark.parametrize("count", [3, 10])
@@ -286,6 +293,7 @@ def _layer_factories():
         "sliding": lambda: cu.DynamicSlidingWindowLayer(sliding_window=3),
         "quantized": lambda: IdentityQuantizedLayer(residual_length=2),
         "user_subclass": lambda: CountingReorderLayer(),
+        "static": lambda: cu.StaticLayer(max_cache_len=8),
     }
     if hasattr(cu, "DynamicIndexedLayer"):
         out["indexed"] = lambda: cu.DynamicIndexedLayer()
@@ -416,7 +424,7 @@ def test_crop_refuses_a_layer_holding_a_state_and_changes_nothing():
     with pytest.raises(RuntimeError, match="cannot be rolled back"):
         cache.layers[1].crop(-2)
     # layers without a state still crop as transformers does
-    cache.layers[0].crop(3 if CROP_KEEPS else -2)
+    cache.layers[0].crop(3 if TF4 else -2)
     assert cache.layers[0].get_seq_length() == 3
 
 
