@@ -39,36 +39,39 @@ def _chunk_size(T: int) -> int:
     return min(CHUNK_SIZE, 1 << max(T - 1, 0).bit_length())
 
 
-def _intra_chunk(q, k, v, b):
-    """Causal attention inside each chunk with gated decays, computed without exp of positives.
+def _intra_chunk(q, k, v, a):
+    """Causal attention inside each chunk with gated decays, using only products of gates <= 1.
 
-    For i >= j, A_ij = sum_c q_ic k_jc exp(b_ic - b_jc) with b the in-chunk cumulative gate.
-    Splitting exp(b_i - b_j) = exp(b_i - m) exp(m - b_j) at a reference point m between j and i
-    makes both factors <= 1. The chunk is halved recursively: at each level the later half's
-    queries see the earlier half's keys through m = b at the last token of the earlier half; the
-    pairs inside each half are left to the next level, and i == j (decay 1) is done first.
-    The total work equals one C x C matmul per chunk, and no factor ever exceeds 1, so gates of
-    any strength are safe (tiny products underflow to 0, as the true values do).
+    For i >= j, A_ij = sum_c q_ic k_jc D_ijc with D_ij = prod_{j < t <= i} a_t the decay from j to i
+    (a = exp(g) <= 1). A single reference per chunk (q_i * D_0i and k_j / D_0j) would divide by
+    numbers that underflow for strong gates. Instead the chunk is split in halves recursively:
+    at the level of half-size h, the queries of each later half see the keys of the earlier half
+    through the boundary between them, D_ij = QD_h(i) * KD_h(j), where QD_h(i) is the decay from
+    the start of i's half to i and KD_h(j) the decay from j to the end of j's half. Both are
+    products of gates, hence <= 1 (tiny values underflow to 0, as the true values do), and each
+    level's QD/KD follows from the previous one by one multiplication per half: the only exp is
+    a = exp(g). Pairs inside a half are left to the next level; i == j (decay 1) comes first.
+    The matmul work adds up to one C x C product per chunk.
 
     Args:
         q, k (torch.Tensor): `[B, H, N, C, K]`, q already scaled.
         v (torch.Tensor): `[B, H, N, C, V]`.
-        b (torch.Tensor): `[B, H, N, C, K]`, cumulative log gates inside each chunk.
+        a (torch.Tensor): `[B, H, N, C, K]`, per-token decays exp(g).
 
     Returns:
-        o (torch.Tensor): `[B, H, N, C, V]`.
+        o (torch.Tensor): `[B, H, N, C, V]`, the intra-chunk part of the output.
+        qd (torch.Tensor): `[B, H, N, C, K]`, decay from the chunk's start through token i.
+        kd (torch.Tensor): `[B, H, N, C, K]`, decay from after token j to the chunk's end.
     """
     C = q.shape[-2]
     o = (q * k).sum(-1, keepdim=True) * v
-    n = C
-    while n > 1:
-        h = n // 2
-        split = (C // n, 2, h)
-        qb, kb, vb, bb = (x.unflatten(-2, split) for x in (q, k, v, b))
-        bL = bb[..., 0, :, :]
-        m = bL[..., -1:, :]
-        qR = torch.sub(bb[..., 1, :, :], m).exp_() * qb[..., 1, :, :]
-        kL = torch.sub(m, bL).exp_() * kb[..., 0, :, :]
+    qd, kd = a, torch.ones_like(a)  # at h = 1: QD_1(i) = a_i, KD_1(j) = 1
+    h = 1
+    while h < C:
+        split = (C // (2 * h), 2, h)
+        qb, kb, vb, qdb, kdb = (x.unflatten(-2, split) for x in (q, k, v, qd, kd))
+        qR = qb[..., 1, :, :] * qdb[..., 1, :, :]
+        kL = kb[..., 0, :, :] * kdb[..., 0, :, :]
         vL = vb[..., 0, :, :]
         if h <= _ELEMENTWISE_MAX_HALF:
             A = (qR.unsqueeze(-2) * kL.unsqueeze(-3)).sum(-1)
@@ -76,8 +79,13 @@ def _intra_chunk(q, k, v, b):
         else:
             out = (qR @ kL.transpose(-1, -2)) @ vL
         o.unflatten(-2, split)[..., 1, :, :] += out
-        n = h
-    return o
+        # the next level's halves are this level's pairs: extend QD of the later half by the
+        # earlier half's total decay, and KD of the earlier half by the later half's total
+        left_total, right_total = qdb[..., 0, -1:, :], qdb[..., 1, -1:, :]
+        qd = torch.stack([qdb[..., 0, :, :], qdb[..., 1, :, :] * left_total], -3).flatten(-4, -2)
+        kd = torch.stack([kdb[..., 0, :, :] * right_total, kdb[..., 1, :, :]], -3).flatten(-4, -2)
+        h *= 2
+    return o, qd, kd
 
 
 def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
@@ -100,20 +108,17 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
     qc = _blocks(q, dt, C).mul_(scale)
     kc, vc, gc = _blocks(k, dt, C), _blocks(v, dt, C), _blocks(g, dt, C)
     # padding tokens have g = 0 and k = 0: they neither decay nor add to the state
-    b = gc.cumsum(-2)
-    o = _intra_chunk(qc, kc, vc, b)
-
-    b_last = b[..., -1:, :]  # [B, H, N, 1, K]
+    o, qd, kd = _intra_chunk(qc, kc, vc, gc.exp_())
     # what each chunk adds to the state, decayed to the chunk's end (factors <= 1)
-    U = (torch.sub(b_last, b).exp_() * kc).transpose(-1, -2) @ vc  # [B, H, N, K, V]
-    decay = b_last.exp().transpose(-1, -2)  # [B, H, N, K, 1]
+    U = (kc * kd).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    decay = qd[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1], the whole chunk's decay
     S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
     starts = []
     for n in range(qc.shape[2]):
         starts.append(S)
         S = decay[:, :, n] * S + U[:, :, n]
     # each query reads the state at its chunk's start, decayed to its own position
-    o = o + (b.exp() * qc) @ torch.stack(starts, 2)
+    o = o + (qc * qd) @ torch.stack(starts, 2)
     return _unblocks(o, T, v.dtype), (S if output_final_state else None)
 
 
