@@ -91,7 +91,9 @@ def resolve_shape(config, overrides: dict) -> AttentionShape:
         head_dim = hidden_size // num_heads
     head_dim = _positive_int("head_dim", head_dim)
 
-    family = _FAMILIES.get(from_config("model_type", ""), ("config", "config", False))
+    # a saved hybrid's config says "swaa_<family>" (swaa.convert registers those); its layout is the family's
+    model_type = str(from_config("model_type", "")).removeprefix("swaa_")
+    family = _FAMILIES.get(model_type, ("config", "config", False))
     attention_bias = bool(overrides.pop("attention_bias", from_config("attention_bias", False)))
     qkv_bias = attention_bias if family[0] == "config" else family[0]
     o_bias = attention_bias if family[1] == "config" else family[1]
