@@ -295,12 +295,19 @@ def test_cache_keyword_spellings():
         assert cache.get_recurrent_state(0) is not None and cache.get_seq_length() == 3, name
 
 
-def test_state_of_another_batch_size_is_refused():
+def test_state_of_another_batch_size_is_refused_and_the_cache_kept():
     layer = make(LinearAttention)
     cache = DynamicCache()
     layer(torch.randn(2, 3, 32, dtype=torch.float64), past_key_values=cache)
+    state = cache.get_recurrent_state(0)
     with pytest.raises(ValueError, match="batch size 2"):
         layer(torch.randn(3, 1, 32, dtype=torch.float64), past_key_values=cache)
+    with pytest.raises(ValueError, match="attention_mask"):
+        layer(
+            torch.randn(2, 1, 32, dtype=torch.float64), past_key_values=cache, attention_mask=torch.ones(4, 4)
+        )
+    # a refused call leaves the cache as it was
+    assert cache.get_recurrent_state(0) is state and cache.get_seq_length() == 3
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -415,15 +415,16 @@ class RecurrentAttentionBase(nn.Module):
             q, k = apply_rope(q, k, *position_embeddings)
         q, k = self.q_feature_map(q), self.k_feature_map(k)
 
-        if cache_position is not None:
-            offset = cache_position[0]
-        elif cache is not None:
-            offset = cache.get_seq_length(self.layer_idx)
-        else:
-            offset = 0
-        keep = tokens_to_keep(attention_mask, T, offset)
-        if keep is not None:
-            if keep.shape[0] != B:
+        if attention_mask is not None:
+            # where the new tokens sit among the mask's kv columns: after the tokens already seen
+            if cache_position is not None:
+                offset = cache_position[0]
+            elif cache is not None:
+                offset = cache.get_seq_length(self.layer_idx)
+            else:
+                offset = 0
+            keep = tokens_to_keep(attention_mask, T, offset)
+            if keep.shape[0] not in (1, B):
                 raise ValueError(
                     f"attention_mask must have batch size {B}, got shape {tuple(attention_mask.shape)}"
                 )
@@ -435,7 +436,7 @@ class RecurrentAttentionBase(nn.Module):
             if g is not None:
                 g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
-        q, k, v, g = q, self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
+        k, v, g = self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
         o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
         if cache is not None:
             cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
