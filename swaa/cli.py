@@ -56,6 +56,22 @@ def _maybe_convert(model, args) -> None:
         convert_to_hybrid(model, args.linear_layers, kind=args.kind, **_options(args.option))
 
 
+def _precheck(source, linear_layers, kind) -> None:
+    # refuse an unsupported family, an unknown kind or bad indices before spending time on the weights
+    from transformers import AutoConfig
+
+    from swaa.convert import KINDS, parse_linear_layers
+    from swaa.convert.families import family_of
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if source.kind != "folder":
+        return
+    config = AutoConfig.from_pretrained(source.location)
+    family_of(config.model_type)
+    parse_linear_layers(linear_layers, config.num_hidden_layers)
+
+
 def _cmd_convert(args) -> int:
     from swaa.convert import convert_to_hybrid
     from swaa.convert.loading import load_model, load_tokenizer, resolve_source
@@ -67,6 +83,7 @@ def _cmd_convert(args) -> int:
         )
     source = resolve_source(args.src)
     options = _options(args.option)
+    _precheck(source, args.linear_layers, args.kind)
     model = load_model(source, dtype=_dtype(args.dtype))
     try:
         tokenizer = load_tokenizer(source)
@@ -301,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, IndexError, OSError, ImportError) as err:
+        if os.environ.get("SWAA_DEBUG"):
+            raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"swaa {args.command}: error: {message}", file=sys.stderr)
         return 1

@@ -7,7 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["CacheBytes", "answer", "cache_bytes", "layer_kinds", "perplexity", "tokenize_text"]
+__all__ = [
+    "CacheBytes",
+    "answer",
+    "cache_argument",
+    "cache_bytes",
+    "layer_kinds",
+    "perplexity",
+    "tokenize_text",
+]
 
 
 def layer_kinds(model) -> list[str]:
@@ -86,6 +94,13 @@ def perplexity(
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": count}
 
 
+def cache_argument(model) -> str:
+    """Name under which ``model.forward`` takes a cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class CacheBytes:
     """Cache size of a model, measured from a real cache after a short prefill.
@@ -131,7 +146,7 @@ def cache_bytes(model, probe_tokens: int = 8) -> CacheBytes:
     device = next(model.parameters()).device
     ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=device)
     cache = DynamicCache()
-    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, use_cache=True, **{cache_argument(model): cache})
     per_layer = []
     for i, kind in enumerate(kinds):
         layer = cache.layers[i] if i < len(cache.layers) else None

