@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from swaa.layers import GatedLinearAttention, LinearAttention
@@ -200,3 +201,23 @@ def test_bf16_model_runs_with_float32_states():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert cache.get_recurrent_state(0).dtype == torch.float32
     assert cache.get_seq_length() == 7
+
+
+@pytest.mark.skipif(
+    not hasattr(transformers.cache_utils, "LinearAttentionLayer"),
+    reason="transformers < 5.5 has no native linear-attention cache layers",
+)
+def test_native_linear_attention_cache_layers_hold_the_state():
+    # a Llama config whose layer_types name the swapped layers "linear_attention" makes
+    # DynamicCache(config=...) build transformers' own LinearAttentionLayer there; the layer must work on it
+    model = tiny("llama", (0, 2), "gla")
+    model.config.layer_types = ["linear_attention", "full_attention", "linear_attention"]
+    ids = ids_for(2, 8)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        assert type(cache.layers[0]).__name__ == "LinearAttentionLayer"
+        logits = [call(model, ids[:, :5], cache).logits]
+        logits += [call(model, ids[:, t : t + 1], cache).logits for t in range(5, 8)]
+    assert cache.get_seq_length() == 8
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
