@@ -213,7 +213,7 @@ def main():
             (layers[1][0], matched, "fla", {}),
             (layers[2][0], converted, "auto", {"position_embeddings": rope(B, 1, T)}),
         ]:
-            layer.backend = layer.options["backend"] = backend
+            layer.backend = backend
             cache = DynamicCache()
             layer(x, past_key_values=cache, **({"position_embeddings": pe} if kw else {}))
             decode.append(

@@ -272,10 +272,6 @@ class RecurrentAttentionBase(nn.Module):
     def __init__(self, config=None, layer_idx: int | None = None, **overrides):
         super().__init__()
         overrides = dict(overrides)
-        if "layer_idx" in overrides:
-            if layer_idx is not None:
-                raise TypeError("layer_idx given twice: positionally and as a keyword")
-            layer_idx = overrides.pop("layer_idx")
         if layer_idx is not None and (
             isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0
         ):
@@ -299,7 +295,8 @@ class RecurrentAttentionBase(nn.Module):
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {options['feature_map']!r}")
         if options["norm_eps"] is None:
             options["norm_eps"] = shape.rms_norm_eps
-        self.options = options
+        # options live as plain attributes (layer.backend = "torch" switches the kernels of a built layer)
+        self._option_names = tuple(options)
         for name, value in options.items():
             setattr(self, name, value)
 
@@ -320,6 +317,11 @@ class RecurrentAttentionBase(nn.Module):
             self.o_norm = RMSNorm(D, eps=options["norm_eps"])
         if options["output_gate"]:
             self.g_proj = nn.Linear(hidden, H * D, bias=False)
+
+    @property
+    def options(self) -> dict:
+        """The layer's options (shared and its own) with their current values."""
+        return {name: getattr(self, name) for name in self._option_names}
 
     def reset_parameters(self):
         """Initialises the parameters a converted model does not copy from the softmax attention
