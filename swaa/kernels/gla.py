@@ -116,7 +116,7 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
     starts = []
     for n in range(qc.shape[2]):
         starts.append(S)
-        S = decay[:, :, n] * S + U[:, :, n]
+        S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
     # each query reads the state at its chunk's start, decayed to its own position
     o = o + (qc * qd) @ torch.stack(starts, 2)
     return _unblocks(o, T, v.dtype), (S if output_final_state else None)
