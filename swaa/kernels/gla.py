@@ -23,8 +23,9 @@ def _blocks(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
     # [B, T, H, D] -> [B, H, N, C, D] in `dtype`, zero-padded to N * C tokens: the one copy in
     B, T, H, D = x.shape
     N = -(-T // C)
-    out = x.new_zeros(B, H, N * C, D, dtype=dtype)
+    out = x.new_empty(B, H, N * C, D, dtype=dtype)
     out[:, :, :T].copy_(x.transpose(1, 2))
+    out[:, :, T:].zero_()
     return out.view(B, H, N, C, D)
 
 
