@@ -125,9 +125,9 @@ def _cmd_generate(args) -> int:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
         )
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False, add_special_tokens=False)
     else:
-        enc = tokenizer(args.prompt, return_tensors="pt")
+        enc = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -300,11 +300,12 @@ def test_sampling_with_a_seed_is_reproducible():
     assert torch.equal(*runs)
 
 
-@families
-def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linear_ones(family):
-    model = _hybrid(family, spec="1,2")
+def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linear_ones():
+    # layer 0 linear: the cache must still report the right length (positions of the softmax layer)
+    model = tiny_model("qwen3", num_hidden_layers=2)
+    convert_to_hybrid(model, [0])
     x = ids(1, 4)
-    new = 1500
+    new = 1100
     out = model.generate(
         x, max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True
     )
@@ -314,11 +315,8 @@ def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linea
     # the last generated token is never fed back, so the cache has seen all tokens but one
     seen = 4 + new - 1
     assert cache.get_seq_length() == seen
-    for i in (0, 3):
-        assert cache.layers[i].keys.shape[-2] == seen
-    for i in (1, 2):
-        assert cache.layers[i].keys is None or cache.layers[i].keys.numel() == 0
-        state = cache.get_recurrent_state(i)
-        assert state is not None
-        # [B, H, K, V]: no dimension grows with the number of tokens
-        assert max(state.shape) <= 8
+    assert cache.layers[1].keys.shape[-2] == seen
+    assert cache.layers[0].keys is None or cache.layers[0].keys.numel() == 0
+    state = cache.get_recurrent_state(0)
+    # [B, H, K, V]: no dimension grows with the number of tokens
+    assert state is not None and max(state.shape) <= 8

@@ -176,9 +176,9 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool =
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False, add_special_tokens=False)
     else:
-        enc = tokenizer(prompt, return_tensors="pt")
+        enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
