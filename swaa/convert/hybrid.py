@@ -38,6 +38,7 @@ def parse_linear_layers(linear_layers, num_layers: int) -> list[int]:
             end as in Python) or a string:
 
             - ``"all"``: every layer; ``"none"`` or ``""``: no layer.
+            - ``"last:N"`` / ``"first:N"``: the last / first N layers (whatever the depth of the model).
             - ``"every:N"``: keep every N-th layer softmax, convert the others. The softmax layers are the last
               of each group of N (indices ``N-1, 2N-1, ...``), so ``"every:4"`` on 28 layers converts 21 and
               keeps 3, 7, ..., 27; ``"every:1"`` converts nothing.
@@ -87,6 +88,17 @@ def _parse_pattern(spec: str, num_layers: int) -> list[int]:
         return []
     if text == "all":
         return list(range(num_layers))
+    for prefix in ("last:", "first:"):
+        if text.startswith(prefix):
+            count = text[len(prefix) :].strip()
+            if not count.isdigit():
+                raise ValueError(f"linear_layers: '{prefix}N' needs an integer N >= 0, got {spec!r}")
+            n = int(count)
+            if n > num_layers:
+                raise IndexError(
+                    f"linear_layers: {spec!r} asks for {n} layers of a model with {num_layers} layers"
+                )
+            return list(range(num_layers - n, num_layers)) if prefix == "last:" else list(range(n))
     if text.startswith("every:"):
         step = text[len("every:") :].strip()
         if not step.isdigit() or int(step) < 1:
@@ -105,7 +117,7 @@ def _parse_pattern(spec: str, num_layers: int) -> list[int]:
             indices.extend(range(start, stop + 1))
         else:
             raise ValueError(
-                f"linear_layers: cannot read {spec!r}; use 'all', 'none', 'every:N', "
+                f"linear_layers: cannot read {spec!r}; use 'all', 'none', 'last:N', 'first:N', 'every:N', "
                 "or indices and inclusive ranges such as '0,2,5-7'"
             )
     return indices
