@@ -14,9 +14,9 @@ from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
 # tokens per chunk of the torch chunked form; a power of two (the intra-chunk part halves it)
 CHUNK_SIZE = 64
-# below this half-block size the intra-chunk products are done elementwise: a batched matmul of
-# many 1x1..4x4 matrices costs more in dispatch than it saves
-_ELEMENTWISE_MAX_HALF = 4
+# up to this half-block size the intra-chunk products are done elementwise: batched matmuls of
+# thousands of 1x1 or 2x2 blocks cost more in dispatch than they save (measured on CPU)
+_ELEMENTWISE_MAX_HALF = 2
 
 
 def _blocks(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
