@@ -7,7 +7,8 @@ then times forward with final state at B=1, H=8, K=V=64, float32: the naive loop
 chunked form at T=2048 (the issue's target: >= 8x), and the chunked form's growth with T
 (should be linear). Strong gates (-20 per token) are timed too: the safeguards are always on.
 Medians of wall time after warm-up; the JSON holds the machine, versions, shapes and numbers;
-the table is printed last.
+the table is printed last. On a shared machine, other processes make multi-threaded timings
+erratic (threads wait for each other at every op); `--threads 1` gives a stable comparison.
 """
 
 from __future__ import annotations
@@ -98,7 +99,10 @@ def main():
     ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--max-naive-t", type=int, default=4096, help="longest T to time the naive loop at")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     meta = {
         "device": cpu_name(),
