@@ -28,9 +28,12 @@ class Family:
             name of the causal-LM model class in ``module``.
         linear_layer_types (bool):
             whether converted layers are written as ``"linear_attention"`` into ``config.layer_types``.
-            Only safe where the model's forward does not index its mask table by ``layer_types``
-            (Qwen2/Qwen3 do and raise KeyError) and where the config has the field at all.
-            Default: ``False``.
+            Default: ``False``, and False for every family today: Qwen2/Qwen3 index their mask table by
+            ``layer_types`` and raise KeyError on it; for Llama/Mistral, transformers >= 5.5 would then build
+            its own ``LinearAttentionLayer`` for those layers, whose cache cannot answer ``get_seq_length``
+            when every layer is linear (ValueError in generate). The swaa cache patch lets an ordinary
+            ``DynamicLayer`` carry the state and the token count instead, so the model's own cache is
+            right without it; the conversion itself is recorded in ``config.swaa_hybrid``.
     """
 
     model_type: str
