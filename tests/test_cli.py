@@ -212,3 +212,25 @@ def test_python_dash_m_swaa_runs_the_same_command():
     assert result.returncode == 0
     for command in ("convert", "generate", "eval", "info", "demo"):
         assert command in result.stdout
+
+
+def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text_path().read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    code, out, err = run(
+        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "2",
+        "--max-new-tokens", "3", "--text", text,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "converted 2 of 4 layers to gla ('last:2'): [2, 3]" in out
+    table = {
+        line.split("  ")[0].strip(): line.split()
+        for line in out.splitlines()
+        if line.startswith(("perplexity ", "softmax"))
+    }
+    assert table["softmax layers"][-2:] == ["4", "2"]
+    assert "has not been trained" in out
+    # half the layers keep KV, so the hybrid's cache at 4096 tokens is about half the original's
+    cache_line = next(line for line in out.splitlines() if line.startswith("cache at 4096"))
+    original, hybrid = (float(v) for v in cache_line.split()[5::2])
+    assert 0.45 < hybrid / original < 0.6
