@@ -82,9 +82,11 @@ def _intra_chunk(q, k, v, a):
         o.unflatten(-2, split)[..., 1, :, :] += out
         # the next level's halves are this level's pairs: extend QD of the later half by the
         # earlier half's total decay, and KD of the earlier half by the later half's total
-        left_total, right_total = qdb[..., 0, -1:, :], qdb[..., 1, -1:, :]
-        qd = torch.stack([qdb[..., 0, :, :], qdb[..., 1, :, :] * left_total], -3).flatten(-4, -2)
-        kd = torch.stack([kdb[..., 0, :, :] * right_total, kdb[..., 1, :, :]], -3).flatten(-4, -2)
+        # (one broadcast multiply each; the per-half factors are small)
+        totals = qdb[..., -1:, :]  # [..., C / 2h, 2, 1, K]
+        ones = torch.ones_like(totals[..., :1, :, :])
+        qd = (qdb * torch.cat([ones, totals[..., :1, :, :]], -3)).flatten(-4, -2)
+        kd = (kdb * torch.cat([totals[..., 1:, :, :], ones], -3)).flatten(-4, -2)
         h *= 2
     return o, qd, kd
 
