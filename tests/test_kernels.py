@@ -264,3 +264,19 @@ def test_custom_scale_applies_to_q():
     o2, _ = gla(q * 0.3, k, v, g, scale=1.0)
     o3, _ = gla(q, k, v, g, scale=0.3)
     assert rel(o3, o2) < 1e-12 and rel(o3, 0.3 * o1) < 1e-12
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_segmented_runs_equal_the_oracle(normalize, monkeypatch):
+    # long CPU inputs run in cache-sized segments with the state carried between them
+    monkeypatch.setattr(GLA_MODULE, "SEGMENT_ELEMENTS", 64 * 2 * 16)  # 64-token segments here
+    q, k, v, g, h0, z0 = make(1, 200, 2, 16, 8, positive=True)
+    o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+    state = (h0, z0) if normalize else h0
+    o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o_ref, S_ref = naive_linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    assert rel(o, o_ref) < 1e-10
+    for a, b in zip(S if normalize else (S,), S_ref if normalize else (S_ref,)):
+        assert rel(a, b) < 1e-10

@@ -13,7 +13,7 @@ import torch
 from swaa.kernels import fla_adapter
 from swaa.kernels._checks import check_inputs
 from swaa.kernels._varlen import Packing
-from swaa.kernels.gla import _blocks, _chunk_size, _unblocks
+from swaa.kernels.gla import _blocks, _chunk_size, _run_segments, _unblocks
 from swaa.kernels.naive import NORMALIZE_EPS
 from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
@@ -41,6 +41,15 @@ def chunk_linear_attn_torch(q, k, v, scale, initial_state=None, output_final_sta
     Returns:
         o `[B, T, H, V]` in v's dtype, and the final state (same structure as initial_state) or None.
     """
+    def segment(q, k, v, state):
+        return _chunk_linear_attn_segment(q, k, v, scale, state, normalize)
+
+    o, state = _run_segments(segment, (q, k, v), initial_state)
+    return o, (state if output_final_state else None)
+
+
+def _chunk_linear_attn_segment(q, k, v, scale, initial_state, normalize):
+    # one segment of chunk_linear_attn_torch; returns (o [B, T, H, V] in v's dtype, final state)
     B, T, H, K = q.shape
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
@@ -59,10 +68,7 @@ def chunk_linear_attn_torch(q, k, v, scale, initial_state=None, output_final_sta
         den = A.sum(-1, keepdim=True) + (qc * z_start.unsqueeze(-2)).sum(-1, keepdim=True)
         o = o / (den + NORMALIZE_EPS)
         z = z_start[:, :, -1] + ksum[:, :, -1]
-    o = _unblocks(o, T, v.dtype)
-    if not output_final_state:
-        return o, None
-    return o, ((S, z) if normalize else S)
+    return _unblocks(o, T, v.dtype), ((S, z) if normalize else S)
 
 
 def linear_attn_step_torch(q, k, v, scale, initial_state=None, output_final_state=False, normalize=False):
