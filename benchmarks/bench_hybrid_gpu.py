@@ -257,6 +257,21 @@ def main() -> None:
             f"{r['cache_bytes_after_prefill'] / 1e9:>9.3f} {r['peak_memory_bytes'] / 1e9:>8.2f}"
             + ("" if r["logits_finite"] else "  (non-finite logits!)")
         )
+    # verdict: the faster hybrid against the faster baseline at each context, for decode and prefill
+    for context in contexts:
+        rows = {r["variant"]: r for r in results if r["context"] == context}
+        base = [rows[v] for v in ("sdpa", "sdpa_flash") if v in rows]
+        hyb = [rows[v] for v in ("hybrid", "hybrid_flash") if v in rows]
+        if not base or not hyb:
+            continue
+        for metric, label in (("decode_ms_per_token", "decode"), ("prefill_ms", "prefill")):
+            b = min(base, key=lambda r: r[metric])
+            h = min(hyb, key=lambda r: r[metric])
+            verdict = "faster" if h[metric] < b[metric] else "NOT faster"
+            print(
+                f"T={context}: {label} best hybrid ({h['variant']}) {h[metric]:.2f} ms vs best baseline "
+                f"({b['variant']}) {b[metric]:.2f} ms: {b[metric] / h[metric]:.2f}x, {verdict}"
+            )
     print(f"wrote {args.out}")
 
 

@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from swaa.convert import convert_to_hybrid, hybrid_record
 from swaa.convert.evaluate import answer, cache_bytes
@@ -30,7 +31,7 @@ def smollm():
     return load_model(source), load_tokenizer(source)
 
 
-def test_smollm2_answers_then_its_hybrid_generates(smollm):
+def test_smollm2_answers_then_its_hybrid_generates(smollm, tmp_path):
     model, tokenizer = smollm
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     original = answer(model, tokenizer, PROMPT, max_new_tokens=12)
@@ -57,3 +58,10 @@ def test_smollm2_answers_then_its_hybrid_generates(smollm):
     size = cache_bytes(model)
     assert size.kv_bytes_per_token == 28 * 2 * 3 * 64 * 4
     assert size.state_bytes > 0
+
+    # a model loaded from GGUF holds plain float weights: its hybrid saves and loads like any other
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    x = enc["input_ids"][:, :12]
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)

@@ -138,7 +138,20 @@ def load_model(source: Source | str, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(*args, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise _wrap_load_error(source, "model", err) from err
+    if source.kind == "gguf":
+        _forget_gguf_quantization(model)
     return model.eval()
+
+
+def _forget_gguf_quantization(model) -> None:
+    # transformers dequantizes GGUF tensors into ordinary float weights but keeps the GGUF "quantizer",
+    # which makes save_pretrained refuse the model; the weights are plain tensors, so drop the marker
+    model.hf_quantizer = None
+    for name in ("is_quantized", "quantization_method"):
+        if name in vars(model):
+            delattr(model, name)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def load_tokenizer(source: Source | str):
