@@ -3,27 +3,22 @@
 Four parts, one direction of dependency: ``swaa.cache`` (the KV-cache patch) and ``swaa.kernels``
 (FLA on CUDA, exact torch elsewhere) know nothing of each other; ``swaa.layers`` builds drop-in
 attention modules on both; ``swaa.convert`` turns pretrained models into hybrids with those layers.
+
+``import swaa`` registers the hybrid model classes with transformers' Auto classes, so a saved hybrid
+loads with ``AutoModelForCausalLM.from_pretrained(path)``; that is why it imports transformers.
 """
 
 __version__ = "0.1.0"
 
-# names resolved on first access, so `import swaa.kernels` does not pull in transformers
-_LAZY = {
-    "hack_kv_cache_recurrent_state": "swaa.cache",
-    "unhack_kv_cache_recurrent_state": "swaa.cache",
-    "LinearAttention": "swaa.layers",
-    "GatedLinearAttention": "swaa.layers",
-    "convert_to_hybrid": "swaa.convert",
-}
+from swaa.cache import hack_kv_cache_recurrent_state, unhack_kv_cache_recurrent_state  # noqa: E402
+from swaa.convert import convert_to_hybrid  # noqa: E402  (importing it registers the Auto classes)
+from swaa.layers import GatedLinearAttention, LinearAttention  # noqa: E402
 
-__all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'swaa' has no attribute {name!r}")
+__all__ = [
+    "GatedLinearAttention",
+    "LinearAttention",
+    "__version__",
+    "convert_to_hybrid",
+    "hack_kv_cache_recurrent_state",
+    "unhack_kv_cache_recurrent_state",
+]
