@@ -2,6 +2,8 @@
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results/kernels_gpu_<device>.json
 
+0. Runs the GPU tests (`pytest -m gpu tests/test_kernels_gpu.py`) and records their summary
+   (skip with --no-tests).
 1. Correctness: every timed op is first checked against the float64 oracle; an op that fails is
    reported as failing and not timed.
 2. Prefill (bf16, H=16, K=V=128): `gla` / `linear_attn` through the dispatcher vs calling FLA's
@@ -22,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -233,6 +238,19 @@ def bench_decode(ok):
     return rows
 
 
+def run_gpu_tests():
+    """Run the kernels' GPU tests in a subprocess; returns (ok, summary line, FAILED lines)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+         os.path.join(root, "tests", "test_kernels_gpu.py")],
+        cwd=root, capture_output=True, text=True,
+    )
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    failures = [ln for ln in lines if ln.startswith("FAILED")]
+    return proc.returncode == 0, (lines[-1] if lines else proc.stderr[-500:]), failures
+
+
 def fmt(x, nd=3):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -241,6 +259,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--no-tests", action="store_true", help="do not run tests/test_kernels_gpu.py first")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels_gpu.py needs a CUDA GPU")
@@ -252,14 +271,22 @@ def main():
         "fla": fla_version(),
         "fla_available": fla_available(),
     }
+    tests = None
+    if not args.no_tests:
+        passed, summary, failures = run_gpu_tests()
+        tests = {"ok": passed, "summary": summary, "failures": failures}
     ok = correctness()
     prefill = [] if args.skip_prefill else bench_prefill(ok)
     decode = bench_decode(ok)
-    result = {"meta": meta, "correctness": ok, "prefill": prefill, "decode": decode}
+    result = {"meta": meta, "gpu_tests": tests, "correctness": ok, "prefill": prefill, "decode": decode}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  fla {meta['fla']}")
+    if tests is not None:
+        print(f"\nGPU tests (tests/test_kernels_gpu.py): {'PASS' if tests['ok'] else 'FAIL'}  {tests['summary']}")
+        for line in tests["failures"]:
+            print(f"  {line}")
     print("\ncorrectness (relative error vs float64 oracle)")
     for name, r in ok.items():
         errs = " ".join(f"{k}={v:.2e}" for k, v in r["rel_errors"].items())
