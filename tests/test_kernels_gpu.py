@@ -192,3 +192,26 @@ def test_torch_backend_on_cuda_matches_oracle():
     o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
     o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="torch")
     assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+
+
+@needs_fla
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize("lens", [[5, 70, 0, 33], [40, 200]], ids=["mixed+empty", "long"])
+def test_fla_cu_seqlens_matches_torch(lens, normalize):
+    T, N = sum(lens), len(lens)
+    q, k, v, g, _, _, _ = make(1, T, 2, 64, 64, positive=True)
+    q, k, v, g = (x.float() for x in (q, k, v, g))
+    h0 = torch.randn(N, 2, 64, 64, device="cuda")
+    z0 = torch.rand(N, 2, 64, device="cuda") + 0.5
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    ref = gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch")
+    out = gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="fla")
+    assert rel(out[0], ref[0]) < 5e-3 and rel(out[1], ref[1]) < 5e-3
+    state = (h0, z0) if normalize else h0
+    ref = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu,
+                      backend="torch")
+    out = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu,
+                      backend="fla")
+    assert rel(out[0], ref[0]) < 5e-3
+    for a, b in zip(out[1] if normalize else (out[1],), ref[1] if normalize else (ref[1],)):
+        assert rel(a, b) < 5e-3
