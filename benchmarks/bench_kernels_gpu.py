@@ -40,6 +40,8 @@ from swaa.kernels.step_triton import decode_step_triton, triton_step_available
 
 H, D = 16, 128
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+# the timed dtype; --fp32-checks adds float32 (each dtype costs FLA minutes of autotuning on a fresh machine)
+CHECK_DTYPES = [torch.bfloat16]
 
 
 def pkg_version(name):
@@ -47,6 +49,14 @@ def pkg_version(name):
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg):
+    """One timestamped line as each step ends: a run cut off by a time limit still shows where it was."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
 def rel(a, b):
@@ -137,11 +147,12 @@ def correctness():
 
     def record(name, errs, tol):
         out[name] = {"ok": all(e < tol for e in errs.values()), "rel_errors": errs, "tol": tol}
+        progress(f"checked {name}: {errs}")
 
     # prefill paths (chunked, T > 64) and short paths (fused recurrent, T <= 64) through FLA
     if fla_available():
         for T in (40, 300):
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in CHECK_DTYPES:
                 q, k, v, g, S = rand(2, T, dtype=dtype)
                 ref = naive_gla(*(x.double() for x in (q, k, v, g)), initial_state=S.double(), output_final_state=True)
                 o, S1 = gla(q, k, v, g, initial_state=S, output_final_state=True, backend="fla")
@@ -189,9 +200,11 @@ def bench_prefill(ok):
         a, b = gpu_ms(ours), gpu_ms(direct)
         rows.append({"bench": "prefill_vs_fla", "op": name, "B": B, "T": T, "H": H, "D": D, "dtype": "bf16",
                      "swaa_ms": a, "fla_direct_ms": b, "ratio": a / b, "within_5pct": a <= 1.05 * b})
+        progress(f"timed prefill {rows[-1]}")
     # against causal softmax attention
     for T in (2048, 8192, 32768):
         rows.append(_prefill_vs_sdpa(T, ok))
+        progress(f"timed prefill {rows[-1]}")
         torch.cuda.empty_cache()
     return rows
 
@@ -259,8 +272,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--fp32-checks", action="store_true", help="also check FLA in float32 before timing")
     ap.add_argument("--no-tests", action="store_true", help="do not run tests/test_kernels_gpu.py first")
     args = ap.parse_args()
+    if args.fp32_checks:
+        CHECK_DTYPES.insert(0, torch.float32)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels_gpu.py needs a CUDA GPU")
     meta = {

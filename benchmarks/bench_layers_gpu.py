@@ -46,6 +46,14 @@ def pkg_version(name):
         return None
 
 
+_T0 = time.perf_counter()
+
+
+def progress(msg):
+    """One timestamped line as each step ends: a run cut off by a time limit still shows where it was."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -159,6 +167,7 @@ def main():
         ours = matched(x)[0]
     err = rel(ours, ref)
     correct = err < TOL
+    progress(f"ours vs FLA's layer: rel error {err:.2e} (tol {TOL})")
 
     def fwd(layer, **kw):
         def run():
@@ -181,16 +190,16 @@ def main():
         ("swaa GLA, FLA-matched", matched, {}),
         ("swaa GLA, converted-Qwen3 defaults", converted, {"position_embeddings": pe}),
     ]
+    # every forward first: FLA's backward kernels take minutes of autotuning on a fresh machine, and
+    # the forward is the number the issue asks for
     prefill = []
     for name, layer, kw in layers:
-        prefill.append(
-            dict(
-                layer=name,
-                forward_ms=gpu_ms(fwd(layer, **kw)),
-                forward_backward_ms=gpu_ms(fwd_bwd(layer, **kw), reps=20),
-            )
-        )
+        prefill.append(dict(layer=name, forward_ms=gpu_ms(fwd(layer, **kw))))
+        progress(f"timed forward {prefill[-1]}")
+    for row, (name, layer, kw) in zip(prefill, layers):
+        row["forward_backward_ms"] = gpu_ms(fwd_bwd(layer, **kw), reps=20)
         layer.zero_grad(set_to_none=True)
+        progress(f"timed forward+backward {row}")
 
     # decode: a 4096-token state, then one token per call
     decode = []
@@ -219,6 +228,7 @@ def main():
             decode.append(
                 dict(layer=f"{name} (backend={backend})", **_decode_times(_step(layer, step_x, cache, kw)))
             )
+            progress(f"timed decode {decode[-1]}")
 
     result = {
         "meta": meta,
