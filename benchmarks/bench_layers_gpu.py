@@ -196,7 +196,7 @@ def main():
     for name, layer, kw in layers:
         prefill.append(dict(layer=name, forward_ms=gpu_ms(fwd(layer, **kw))))
         progress(f"timed forward {prefill[-1]}")
-    for row, (name, layer, kw) in zip(prefill, layers):
+    for row, (_name, layer, kw) in zip(prefill, layers):
         row["forward_backward_ms"] = gpu_ms(fwd_bwd(layer, **kw), reps=20)
         layer.zero_grad(set_to_none=True)
         progress(f"timed forward+backward {row}")
