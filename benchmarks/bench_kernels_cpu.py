@@ -65,22 +65,33 @@ def inputs(T, dtype=torch.float32, strong=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen)
     v = torch.randn(B, T, H, V, generator=gen)
-    g = torch.full((B, T, H, K), -20.0) if strong else F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 16
+    g = (
+        torch.full((B, T, H, K), -20.0)
+        if strong
+        else F.logsigmoid(torch.randn(B, T, H, K, generator=gen)) / 16
+    )
     return [x.to(dtype) for x in (q, k, v, g)]
 
 
 def ops():
     """name -> (fast, naive), each a callable of (q, k, v, g) returning (o, final_state)."""
     return {
-        "gla": (lambda q, k, v, g: gla(q, k, v, g, output_final_state=True, backend="torch"),
-                lambda q, k, v, g: naive_gla(q, k, v, g, output_final_state=True)),
-        "linear_attn": (lambda q, k, v, g: linear_attn(q, k, v, output_final_state=True, backend="torch"),
-                        lambda q, k, v, g: naive_linear_attn(q, k, v, output_final_state=True)),
+        "gla": (
+            lambda q, k, v, g: gla(q, k, v, g, output_final_state=True, backend="torch"),
+            lambda q, k, v, g: naive_gla(q, k, v, g, output_final_state=True),
+        ),
+        "linear_attn": (
+            lambda q, k, v, g: linear_attn(q, k, v, output_final_state=True, backend="torch"),
+            lambda q, k, v, g: naive_linear_attn(q, k, v, output_final_state=True),
+        ),
         "linear_attn normalized": (
-            lambda q, k, v, g: linear_attn(F.elu(q) + 1, F.elu(k) + 1, v, output_final_state=True,
-                                           normalize=True, backend="torch"),
-            lambda q, k, v, g: naive_linear_attn(F.elu(q) + 1, F.elu(k) + 1, v, output_final_state=True,
-                                                 normalize=True)),
+            lambda q, k, v, g: linear_attn(
+                F.elu(q) + 1, F.elu(k) + 1, v, output_final_state=True, normalize=True, backend="torch"
+            ),
+            lambda q, k, v, g: naive_linear_attn(
+                F.elu(q) + 1, F.elu(k) + 1, v, output_final_state=True, normalize=True
+            ),
+        ),
     }
 
 
@@ -103,7 +114,9 @@ def main():
     ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--max-naive-t", type=int, default=4096, help="longest T to time the naive loop at")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +138,12 @@ def main():
             continue
         for T in (512, 1024, 2048, 4096, 8192, 16384):
             x = inputs(T)
-            row = {"op": name, "T": T, "chunked_ms": median_ms(fast, x, args.repeats), "chunked_min_ms": MINIMA[-1]}
+            row = {
+                "op": name,
+                "T": T,
+                "chunked_ms": median_ms(fast, x, args.repeats),
+                "chunked_min_ms": MINIMA[-1],
+            }
             if T <= args.max_naive_t:
                 row["naive_ms"] = median_ms(naive, x, max(3, args.repeats // 2))
                 row["naive_min_ms"] = MINIMA[-1]
@@ -138,17 +156,25 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "correctness": checks, "results": rows}, f, indent=2)
 
-    print(f"device: {meta['device']} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads), "
-          f"torch {meta['torch']}")
+    print(
+        f"device: {meta['device']} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads), "
+        f"torch {meta['torch']}"
+    )
     for name, c in checks.items():
         verdict = "PASS" if c["ok"] else "FAIL (not timed)"
-        print(f"  {verdict}  {name}: chunked vs float64 oracle, max rel error {c['max_rel_error_float64']:.1e}")
+        print(
+            f"  {verdict}  {name}: chunked vs float64 oracle, max rel error {c['max_rel_error_float64']:.1e}"
+        )
     print(f"\nforward + final state, B={B} H={H} K=V={K} float32 (median ms)")
-    print(f"  {'op':24s} {'T':>6s} {'chunked':>9s} {'naive':>9s} {'speedup':>8s} {'ms/1k tok':>9s} {'strong g':>9s}")
+    print(
+        f"  {'op':24s} {'T':>6s} {'chunked':>9s} {'naive':>9s} {'speedup':>8s} {'ms/1k tok':>9s} {'strong g':>9s}"
+    )
     for r in rows:
-        print(f"  {r['op']:24s} {r['T']:6d} {r['chunked_ms']:9.2f} "
-              f"{r.get('naive_ms', float('nan')):9.1f} {r.get('speedup', float('nan')):7.1f}x "
-              f"{r['chunked_ms'] / r['T'] * 1000:9.2f} {r.get('chunked_strong_gates_ms', float('nan')):9.2f}")
+        print(
+            f"  {r['op']:24s} {r['T']:6d} {r['chunked_ms']:9.2f} "
+            f"{r.get('naive_ms', float('nan')):9.1f} {r.get('speedup', float('nan')):7.1f}x "
+            f"{r['chunked_ms'] / r['T'] * 1000:9.2f} {r.get('chunked_strong_gates_ms', float('nan')):9.2f}"
+        )
     print(f"\nwrote {args.out}")
 
 

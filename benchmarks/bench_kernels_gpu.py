@@ -114,8 +114,12 @@ def fla_ops():
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
     from fla.ops.linear_attn import chunk_linear_attn, fused_recurrent_linear_attn
 
-    return dict(chunk_gla=chunk_gla, fused_recurrent_gla=fused_recurrent_gla,
-                chunk_linear_attn=chunk_linear_attn, fused_recurrent_linear_attn=fused_recurrent_linear_attn)
+    return dict(
+        chunk_gla=chunk_gla,
+        fused_recurrent_gla=fused_recurrent_gla,
+        chunk_linear_attn=chunk_linear_attn,
+        fused_recurrent_linear_attn=fused_recurrent_linear_attn,
+    )
 
 
 def decode_fns(B):
@@ -124,8 +128,9 @@ def decode_fns(B):
     scale = D**-0.5
     fns = {
         "swaa gla auto": lambda: gla(q, k, v, g, initial_state=S, output_final_state=True),
-        "swaa gla backend=torch (torch step)": lambda: gla(q, k, v, g, initial_state=S, output_final_state=True,
-                                                           backend="torch"),
+        "swaa gla backend=torch (torch step)": lambda: gla(
+            q, k, v, g, initial_state=S, output_final_state=True, backend="torch"
+        ),
         "torch step, no checks": lambda: gla_step_torch(q, k, v, g, scale, S, True),
         "swaa linear_attn auto": lambda: linear_attn(q, k, v, initial_state=S, output_final_state=True),
     }
@@ -134,10 +139,14 @@ def decode_fns(B):
     if fla_available():
         ops = fla_ops()
         fns["FLA fused_recurrent_gla"] = lambda: ops["fused_recurrent_gla"](
-            q, k, v, gk=g, scale=scale, initial_state=S, output_final_state=True)
-        fns["swaa gla backend=fla"] = lambda: gla(q, k, v, g, initial_state=S, output_final_state=True, backend="fla")
+            q, k, v, gk=g, scale=scale, initial_state=S, output_final_state=True
+        )
+        fns["swaa gla backend=fla"] = lambda: gla(
+            q, k, v, g, initial_state=S, output_final_state=True, backend="fla"
+        )
         fns["FLA fused_recurrent_linear_attn"] = lambda: ops["fused_recurrent_linear_attn"](
-            q, k, v, scale=scale, initial_state=S, output_final_state=True)
+            q, k, v, scale=scale, initial_state=S, output_final_state=True
+        )
     return fns, (q, k, v, g, S)
 
 
@@ -154,24 +163,46 @@ def correctness():
         for T in (40, 300):
             for dtype in CHECK_DTYPES:
                 q, k, v, g, S = rand(2, T, dtype=dtype)
-                ref = naive_gla(*(x.double() for x in (q, k, v, g)), initial_state=S.double(), output_final_state=True)
+                ref = naive_gla(
+                    *(x.double() for x in (q, k, v, g)), initial_state=S.double(), output_final_state=True
+                )
                 o, S1 = gla(q, k, v, g, initial_state=S, output_final_state=True, backend="fla")
                 record(f"gla fla T={T} {dtype}", {"o": rel(o, ref[0]), "state": rel(S1, ref[1])}, TOL[dtype])
                 for normalize in (False, True):
                     qp, kp = F.elu(q.float()).add(1).to(dtype), F.elu(k.float()).add(1).to(dtype)
                     st = (S, torch.rand(2, H, D, device="cuda")) if normalize else S
                     st64 = tuple(x.double() for x in st) if normalize else S.double()
-                    ref = naive_linear_attn(qp.double(), kp.double(), v.double(), initial_state=st64,
-                                            output_final_state=True, normalize=normalize)
-                    o, S1 = linear_attn(qp, kp, v, initial_state=st, output_final_state=True,
-                                        normalize=normalize, backend="fla")
+                    ref = naive_linear_attn(
+                        qp.double(),
+                        kp.double(),
+                        v.double(),
+                        initial_state=st64,
+                        output_final_state=True,
+                        normalize=normalize,
+                    )
+                    o, S1 = linear_attn(
+                        qp,
+                        kp,
+                        v,
+                        initial_state=st,
+                        output_final_state=True,
+                        normalize=normalize,
+                        backend="fla",
+                    )
                     S1, r1 = (S1[0], ref[1][0]) if normalize else (S1, ref[1])
-                    record(f"linear_attn fla T={T} normalize={normalize} {dtype}",
-                           {"o": rel(o, ref[0]), "state": rel(S1, r1)}, TOL[dtype])
+                    record(
+                        f"linear_attn fla T={T} normalize={normalize} {dtype}",
+                        {"o": rel(o, ref[0]), "state": rel(S1, r1)},
+                        TOL[dtype],
+                    )
     # the decode callables themselves, on their benchmark inputs
     fns, (q, k, v, g, S) = decode_fns(16)
-    ref_gla = naive_gla(*(x.double() for x in (q, k, v, g)), initial_state=S.double(), output_final_state=True)
-    ref_la = naive_linear_attn(*(x.double() for x in (q, k, v)), initial_state=S.double(), output_final_state=True)
+    ref_gla = naive_gla(
+        *(x.double() for x in (q, k, v, g)), initial_state=S.double(), output_final_state=True
+    )
+    ref_la = naive_linear_attn(
+        *(x.double() for x in (q, k, v)), initial_state=S.double(), output_final_state=True
+    )
     for name, fn in fns.items():
         o, S1 = fn()
         ref = ref_la if "linear_attn" in name else ref_gla
@@ -190,16 +221,33 @@ def bench_prefill(ok):
     q, k, v, g, _ = rand(B, T)
     pairs = [
         ("gla", lambda: gla(q, k, v, g), lambda: ops["chunk_gla"](q, k, v, g, scale=scale), "gla fla T=300"),
-        ("linear_attn", lambda: linear_attn(q, k, v),
-         lambda: ops["chunk_linear_attn"](q, k, v, scale=scale, normalize=False), "linear_attn fla T=300"),
+        (
+            "linear_attn",
+            lambda: linear_attn(q, k, v),
+            lambda: ops["chunk_linear_attn"](q, k, v, scale=scale, normalize=False),
+            "linear_attn fla T=300",
+        ),
     ]
     for name, ours, direct, check in pairs:
         if not all(r["ok"] for n, r in ok.items() if n.startswith(check)):
             rows.append({"bench": "prefill_vs_fla", "op": name, "skipped": "failed correctness"})
             continue
         a, b = gpu_ms(ours), gpu_ms(direct)
-        rows.append({"bench": "prefill_vs_fla", "op": name, "B": B, "T": T, "H": H, "D": D, "dtype": "bf16",
-                     "swaa_ms": a, "fla_direct_ms": b, "ratio": a / b, "within_5pct": a <= 1.05 * b})
+        rows.append(
+            {
+                "bench": "prefill_vs_fla",
+                "op": name,
+                "B": B,
+                "T": T,
+                "H": H,
+                "D": D,
+                "dtype": "bf16",
+                "swaa_ms": a,
+                "fla_direct_ms": b,
+                "ratio": a / b,
+                "within_5pct": a <= 1.05 * b,
+            }
+        )
         progress(f"timed prefill {rows[-1]}")
     # against causal softmax attention
     for T in (2048, 8192, 32768):
@@ -255,9 +303,20 @@ def run_gpu_tests():
     """Run the kernels' GPU tests in a subprocess; returns (ok, summary line, FAILED lines)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-         os.path.join(root, "tests", "test_kernels_gpu.py")],
-        cwd=root, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(root, "tests", "test_kernels_gpu.py"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
     )
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
     failures = [ln for ln in lines if ln.startswith("FAILED")]
@@ -300,7 +359,9 @@ def main():
 
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  fla {meta['fla']}")
     if tests is not None:
-        print(f"\nGPU tests (tests/test_kernels_gpu.py): {'PASS' if tests['ok'] else 'FAIL'}  {tests['summary']}")
+        print(
+            f"\nGPU tests (tests/test_kernels_gpu.py): {'PASS' if tests['ok'] else 'FAIL'}  {tests['summary']}"
+        )
         for line in tests["failures"]:
             print(f"  {line}")
     print("\ncorrectness (relative error vs float64 oracle)")
@@ -313,21 +374,29 @@ def main():
             if "skipped" in r:
                 print(f"  {r['op']:12s} vs FLA direct: skipped ({r['skipped']})")
             else:
-                print(f"  {r['op']:12s} B={r['B']} T={r['T']}: swaa {fmt(r['swaa_ms'])}  FLA {fmt(r['fla_direct_ms'])}"
-                      f"  ratio {fmt(r['ratio'])}  within 5%: {r['within_5pct']}")
+                print(
+                    f"  {r['op']:12s} B={r['B']} T={r['T']}: swaa {fmt(r['swaa_ms'])}  FLA {fmt(r['fla_direct_ms'])}"
+                    f"  ratio {fmt(r['ratio'])}  within 5%: {r['within_5pct']}"
+                )
         else:
-            print(f"  T={r['T']:6d} B={r['B']}: sdpa {fmt(r['sdpa_ms'])}  gla {fmt(r.get('gla_ms'))}"
-                  f" ({fmt(r.get('gla_over_sdpa'), 2)}x)  linear_attn {fmt(r.get('linear_attn_ms'))}"
-                  f" ({fmt(r.get('linear_attn_over_sdpa'), 2)}x)")
+            print(
+                f"  T={r['T']:6d} B={r['B']}: sdpa {fmt(r['sdpa_ms'])}  gla {fmt(r.get('gla_ms'))}"
+                f" ({fmt(r.get('gla_over_sdpa'), 2)}x)  linear_attn {fmt(r.get('linear_attn_ms'))}"
+                f" ({fmt(r.get('linear_attn_over_sdpa'), 2)}x)"
+            )
     print("\ndecode, one token, bf16 in / fp32 state, H=16, K=V=128 (us per call, median)")
-    print(f"  {'op':38s} {'B':>3s} {'eager wall':>11s} {'eager GPU':>10s} {'graph wall':>11s} {'graph GPU':>10s} {'floor':>7s}")
+    print(
+        f"  {'op':38s} {'B':>3s} {'eager wall':>11s} {'eager GPU':>10s} {'graph wall':>11s} {'graph GPU':>10s} {'floor':>7s}"
+    )
     for r in decode:
         if "skipped" in r:
             print(f"  {r['op']:38s} {r['B']:3d}  skipped ({r['skipped']})")
             continue
         gw = fmt(r.get("graph_wall_us"), 1) if "graph_error" not in r else "no capture"
-        print(f"  {r['op']:38s} {r['B']:3d} {fmt(r['eager_wall_us'], 1):>11s} {fmt(r['eager_gpu_us'], 1):>10s}"
-              f" {gw:>11s} {fmt(r.get('graph_gpu_us'), 1):>10s} {fmt(r['floor_us'], 1):>7s}")
+        print(
+            f"  {r['op']:38s} {r['B']:3d} {fmt(r['eager_wall_us'], 1):>11s} {fmt(r['eager_gpu_us'], 1):>10s}"
+            f" {gw:>11s} {fmt(r.get('graph_gpu_us'), 1):>10s} {fmt(r['floor_us'], 1):>7s}"
+        )
     print(f"\nwrote {args.out}")
 
 

@@ -64,7 +64,9 @@ def test_linear_attn_matches_oracle_float64(B, T, H, K, V, with_h0, normalize):
     state = None
     if with_h0:
         state = (h0, z0) if normalize else h0
-    o_ref, S_ref = naive_linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o_ref, S_ref = naive_linear_attn(
+        q, k, v, initial_state=state, output_final_state=True, normalize=normalize
+    )
     o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
     assert o.dtype == F64
     assert rel(o, o_ref) < 1e-10
@@ -87,8 +89,12 @@ def test_output_final_state_false_returns_none_and_no_initial_state_is_zeros():
 def test_gla_split_and_carry_equals_one_pass(split):
     q, k, v, g, h0, _ = make(2, 150, 2, 16, 8)
     o_full, S_full = gla(q, k, v, g, initial_state=h0, output_final_state=True)
-    o1, S1 = gla(q[:, :split], k[:, :split], v[:, :split], g[:, :split], initial_state=h0, output_final_state=True)
-    o2, S2 = gla(q[:, split:], k[:, split:], v[:, split:], g[:, split:], initial_state=S1, output_final_state=True)
+    o1, S1 = gla(
+        q[:, :split], k[:, :split], v[:, :split], g[:, :split], initial_state=h0, output_final_state=True
+    )
+    o2, S2 = gla(
+        q[:, split:], k[:, split:], v[:, split:], g[:, split:], initial_state=S1, output_final_state=True
+    )
     assert rel(torch.cat([o1, o2], 1), o_full) < 1e-10
     assert rel(S2, S_full) < 1e-10
 
@@ -98,10 +104,12 @@ def test_linear_attn_split_and_carry_equals_one_pass(normalize):
     q, k, v, _, h0, z0 = make(2, 150, 2, 16, 8, positive=True)
     state = (h0, z0) if normalize else h0
     o_full, S_full = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
-    o1, S1 = linear_attn(q[:, :70], k[:, :70], v[:, :70], initial_state=state, output_final_state=True,
-                         normalize=normalize)
-    o2, S2 = linear_attn(q[:, 70:], k[:, 70:], v[:, 70:], initial_state=S1, output_final_state=True,
-                         normalize=normalize)
+    o1, S1 = linear_attn(
+        q[:, :70], k[:, :70], v[:, :70], initial_state=state, output_final_state=True, normalize=normalize
+    )
+    o2, S2 = linear_attn(
+        q[:, 70:], k[:, 70:], v[:, 70:], initial_state=S1, output_final_state=True, normalize=normalize
+    )
     assert rel(torch.cat([o1, o2], 1), o_full) < 1e-10
     if normalize:
         assert rel(S2[0], S_full[0]) < 1e-10 and rel(S2[1], S_full[1]) < 1e-10
@@ -116,8 +124,14 @@ def test_token_by_token_decode_equals_prefill():
     o, S = gla(q[:, :30], k[:, :30], v[:, :30], g[:, :30], output_final_state=True)
     outs = [o]
     for t in range(30, 40):
-        o_t, S = gla(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1], initial_state=S,
-                     output_final_state=True)
+        o_t, S = gla(
+            q[:, t : t + 1],
+            k[:, t : t + 1],
+            v[:, t : t + 1],
+            g[:, t : t + 1],
+            initial_state=S,
+            output_final_state=True,
+        )
         outs.append(o_t)
     assert rel(torch.cat(outs, 1), o_full) < 1e-10 and rel(S, S_full) < 1e-10
 
@@ -135,11 +149,12 @@ def test_gla_cu_seqlens_equals_separate_runs(lens):
     o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        o_n, S_n = gla(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h0[n:n + 1],
-                       output_final_state=True)
+        o_n, S_n = gla(
+            q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], initial_state=h0[n : n + 1], output_final_state=True
+        )
         if e > s:
             assert rel(o[:, s:e], o_n) < 1e-10
-        assert rel(S[n:n + 1], S_n) < 1e-10
+        assert rel(S[n : n + 1], S_n) < 1e-10
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -150,17 +165,20 @@ def test_linear_attn_cu_seqlens_equals_separate_runs(normalize):
     z0 = torch.rand(len(lens), 2, 8, dtype=F64) + 0.5
     state = (h0, z0) if normalize else h0
     cu = torch.tensor([0, 7, 7, 73, 93])
-    o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu)
+    o, S = linear_attn(
+        q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu
+    )
     for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        st = (h0[n:n + 1], z0[n:n + 1]) if normalize else h0[n:n + 1]
-        o_n, S_n = linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=st, output_final_state=True,
-                               normalize=normalize)
+        st = (h0[n : n + 1], z0[n : n + 1]) if normalize else h0[n : n + 1]
+        o_n, S_n = linear_attn(
+            q[:, s:e], k[:, s:e], v[:, s:e], initial_state=st, output_final_state=True, normalize=normalize
+        )
         if e > s:
             assert rel(o[:, s:e], o_n) < 1e-10
         if normalize:
-            assert rel(S[0][n:n + 1], S_n[0]) < 1e-10 and rel(S[1][n:n + 1], S_n[1]) < 1e-10
+            assert rel(S[0][n : n + 1], S_n[0]) < 1e-10 and rel(S[1][n : n + 1], S_n[1]) < 1e-10
         else:
-            assert rel(S[n:n + 1], S_n) < 1e-10
+            assert rel(S[n : n + 1], S_n) < 1e-10
 
 
 def test_left_padding_with_zeroed_k_and_g_leaves_state_untouched():
@@ -196,8 +214,9 @@ def test_linear_attn_gradcheck(T, normalize, monkeypatch):
     inputs = [x.clone().requires_grad_() for x in (q, k, v, h0, z0)]
 
     def f(q, k, v, h0, z0):
-        o, S = linear_attn(q, k, v, initial_state=(h0, z0) if normalize else h0, output_final_state=True,
-                           normalize=normalize)
+        o, S = linear_attn(
+            q, k, v, initial_state=(h0, z0) if normalize else h0, output_final_state=True, normalize=normalize
+        )
         return (o, *S) if normalize else (o, S)
 
     assert torch.autograd.gradcheck(f, inputs)
@@ -209,7 +228,9 @@ def test_low_precision_inputs_keep_float32_state(dtype, T):
     q, k, v, g, h0, z0 = make(2, T, 2, 16, 8, dtype=dtype)
     o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
     assert o.dtype == dtype and S.dtype == torch.float32
-    o_ref, S_ref = naive_gla(*(x.double() for x in (q, k, v, g)), initial_state=h0.double(), output_final_state=True)
+    o_ref, S_ref = naive_gla(
+        *(x.double() for x in (q, k, v, g)), initial_state=h0.double(), output_final_state=True
+    )
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(o.double(), o_ref) < tol and rel(S.double(), S_ref) < 1e-5
     o, (S, z) = linear_attn(q, k, v, initial_state=(h0, z0.float()), output_final_state=True, normalize=True)
@@ -276,7 +297,9 @@ def test_segmented_runs_equal_the_oracle(normalize, monkeypatch):
     assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
     state = (h0, z0) if normalize else h0
     o, S = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
-    o_ref, S_ref = naive_linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o_ref, S_ref = naive_linear_attn(
+        q, k, v, initial_state=state, output_final_state=True, normalize=normalize
+    )
     assert rel(o, o_ref) < 1e-10
     for a, b in zip(S if normalize else (S,), S_ref if normalize else (S_ref,)):
         assert rel(a, b) < 1e-10

@@ -38,20 +38,43 @@ def bad_gla_calls():
         pytest.param(dict(scale="0.5"), TypeError, "scale must be a float", id="scale-str"),
         pytest.param(dict(scale=float("nan")), ValueError, "scale must be finite", id="scale-nan"),
         pytest.param(dict(output_final_state=1), TypeError, "output_final_state must be a bool", id="flag"),
-        pytest.param(dict(initial_state=h0[:, :1]), ValueError, r"initial_state must have shape \[1, 2, 4, 3\]",
-                     id="h0-shape"),
-        pytest.param(dict(initial_state=h0.bfloat16()), TypeError, "initial_state must have dtype torch.float32",
-                     id="h0-dtype"),
-        pytest.param(dict(initial_state=(h0, h0)), TypeError, "initial_state must be a tensor", id="h0-tuple"),
+        pytest.param(
+            dict(initial_state=h0[:, :1]),
+            ValueError,
+            r"initial_state must have shape \[1, 2, 4, 3\]",
+            id="h0-shape",
+        ),
+        pytest.param(
+            dict(initial_state=h0.bfloat16()),
+            TypeError,
+            "initial_state must have dtype torch.float32",
+            id="h0-dtype",
+        ),
+        pytest.param(
+            dict(initial_state=(h0, h0)), TypeError, "initial_state must be a tensor", id="h0-tuple"
+        ),
         pytest.param(dict(k=k.to("meta")), ValueError, "k must be on cpu", id="device"),
-        pytest.param(dict(cu_seqlens=torch.tensor([0, 2, 4])), ValueError, "must start at 0.*end at T=5",
-                     id="cu-end"),
-        pytest.param(dict(cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing", id="cu-order"),
-        pytest.param(dict(cu_seqlens=torch.tensor([0.0, 5.0])), TypeError, "cu_seqlens must be int32 or int64",
-                     id="cu-float"),
-        pytest.param(dict(cu_seqlens=torch.tensor([[0, 5]])), ValueError, "cu_seqlens must be a 1-D", id="cu-2d"),
-        pytest.param(dict(cu_seqlens=torch.tensor([0, 5]), initial_state=state(2)), ValueError,
-                     r"initial_state must have shape \[1, 2, 4, 3\]", id="cu-h0-count"),
+        pytest.param(
+            dict(cu_seqlens=torch.tensor([0, 2, 4])), ValueError, "must start at 0.*end at T=5", id="cu-end"
+        ),
+        pytest.param(
+            dict(cu_seqlens=torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing", id="cu-order"
+        ),
+        pytest.param(
+            dict(cu_seqlens=torch.tensor([0.0, 5.0])),
+            TypeError,
+            "cu_seqlens must be int32 or int64",
+            id="cu-float",
+        ),
+        pytest.param(
+            dict(cu_seqlens=torch.tensor([[0, 5]])), ValueError, "cu_seqlens must be a 1-D", id="cu-2d"
+        ),
+        pytest.param(
+            dict(cu_seqlens=torch.tensor([0, 5]), initial_state=state(2)),
+            ValueError,
+            r"initial_state must have shape \[1, 2, 4, 3\]",
+            id="cu-h0-count",
+        ),
     ]
 
 
@@ -62,7 +85,9 @@ def test_gla_rejects_bad_input_and_changes_nothing(fn, override, exc, match):
     h0 = state()
     args = dict(q=q, k=k, v=v, g=g, initial_state=h0, output_final_state=True)
     args.update(override)
-    before = {name: x.clone() for name, x in args.items() if isinstance(x, torch.Tensor) and x.device.type != "meta"}
+    before = {
+        name: x.clone() for name, x in args.items() if isinstance(x, torch.Tensor) and x.device.type != "meta"
+    }
     with pytest.raises(exc, match=match):
         fn(**args)
     for name, x in before.items():
@@ -80,7 +105,9 @@ def test_unknown_backend_is_refused(backend):
 
 def test_cu_seqlens_needs_batch_one():
     q, k, v, g = inputs(B=2)
-    with pytest.raises(ValueError, match=r"q must have batch size 1 when cu_seqlens is given \(packed sequences\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"q must have batch size 1 when cu_seqlens is given \(packed sequences\), got 2"
+    ):
         gla(q, k, v, g, cu_seqlens=torch.tensor([0, 5]))
 
 

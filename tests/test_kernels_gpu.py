@@ -68,11 +68,15 @@ def test_fla_gla_matches_float64_oracle(B, T, H, K, V, dtype):
     low = [x.to(dtype) for x in (q, k, v, g)] + [h0.float()]
     ref_o, ref_S, ref_g = grads(
         lambda q, k, v, g, h0: naive_gla(q, k, v, g, initial_state=h0, output_final_state=True),
-        [x.double() for x in low], do, (dS,),
+        [x.double() for x in low],
+        do,
+        (dS,),
     )
     o, S, gr = grads(
         lambda q, k, v, g, h0: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="fla"),
-        low, do, (dS,),
+        low,
+        do,
+        (dS,),
     )
     assert o.dtype == dtype and S.dtype == torch.float32
     tol = TOL[dtype]
@@ -93,8 +97,16 @@ def test_fla_linear_attn_matches_float64_oracle(B, T, H, K, V, dtype, normalize)
     def run(fn, backend=None):
         def call(q, k, v, h0, z0):
             extra = {} if backend is None else {"backend": backend}
-            return fn(q, k, v, initial_state=(h0, z0) if normalize else h0, output_final_state=True,
-                      normalize=normalize, **extra)
+            return fn(
+                q,
+                k,
+                v,
+                initial_state=(h0, z0) if normalize else h0,
+                output_final_state=True,
+                normalize=normalize,
+                **extra,
+            )
+
         return call
 
     low = [x.to(dtype) for x in (q, k, v)] + [h0.float(), z0.float()]
@@ -115,8 +127,10 @@ def test_dispatcher_backends_agree(T):
     q, k, v, g, h0, _, _ = make(2, T, 4, 64, 64)
     q, k, v, g = (x.float() for x in (q, k, v, g))
     h0 = h0.float()
-    results = {b: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=b)
-               for b in ("auto", "fla", "torch")}
+    results = {
+        b: gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=b)
+        for b in ("auto", "fla", "torch")
+    }
     for b in ("auto", "fla"):
         assert rel(results[b][0], results["torch"][0]) < 5e-3
         assert rel(results[b][1], results["torch"][1]) < 5e-3
@@ -126,7 +140,9 @@ needs_triton = pytest.mark.skipif(not triton_step_available(), reason="needs tri
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 @pytest.mark.parametrize("B,H,K,V", [(16, 16, 128, 128), (3, 2, 60, 40), (1, 4, 256, 64)])
 @pytest.mark.parametrize("gated", [True, False], ids=["gla", "linear_attn"])
 @pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no-h0"])
@@ -138,14 +154,19 @@ def test_triton_decode_step_matches_oracle(B, H, K, V, dtype, gated, with_h0):
     if gated:
         ref_o, ref_S = naive_gla(*(x.double() for x in args), initial_state=S64, output_final_state=True)
     else:
-        ref_o, ref_S = naive_linear_attn(*(x.double() for x in args[:3]), initial_state=S64, output_final_state=True)
+        ref_o, ref_S = naive_linear_attn(
+            *(x.double() for x in args[:3]), initial_state=S64, output_final_state=True
+        )
     o, S1 = decode_step_triton(*args[:3], args[3] if gated else None, K**-0.5, S, True)
     assert o.dtype == dtype and S1.dtype == torch.float32
     assert rel(o, ref_o) < TOL.get(dtype, 2e-2) and rel(S1, ref_S) < 1e-5
 
 
 # the decode paths "auto" can take on CUDA: the Triton step (no grad) and the torch step
-DECODE_PATHS = [pytest.param("auto", marks=needs_triton, id="auto-triton"), pytest.param("torch", id="torch-step")]
+DECODE_PATHS = [
+    pytest.param("auto", marks=needs_triton, id="auto-triton"),
+    pytest.param("torch", id="torch-step"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -208,10 +229,26 @@ def test_fla_cu_seqlens_matches_torch(lens, normalize):
     out = gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="fla")
     assert rel(out[0], ref[0]) < 5e-3 and rel(out[1], ref[1]) < 5e-3
     state = (h0, z0) if normalize else h0
-    ref = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu,
-                      backend="torch")
-    out = linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize, cu_seqlens=cu,
-                      backend="fla")
+    ref = linear_attn(
+        q,
+        k,
+        v,
+        initial_state=state,
+        output_final_state=True,
+        normalize=normalize,
+        cu_seqlens=cu,
+        backend="torch",
+    )
+    out = linear_attn(
+        q,
+        k,
+        v,
+        initial_state=state,
+        output_final_state=True,
+        normalize=normalize,
+        cu_seqlens=cu,
+        backend="fla",
+    )
     assert rel(out[0], ref[0]) < 5e-3
     for a, b in zip(out[1] if normalize else (out[1],), ref[1] if normalize else (ref[1],)):
         assert rel(a, b) < 5e-3

@@ -51,9 +51,7 @@ def _check_state(name, x, shape, dtype, device):
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if x.dtype != dtype:
-        raise TypeError(
-            f"{name} must have dtype {dtype} (the state dtype for these inputs), got {x.dtype}"
-        )
+        raise TypeError(f"{name} must have dtype {dtype} (the state dtype for these inputs), got {x.dtype}")
     if x.device != device:
         raise ValueError(f"{name} must be on {device} like q, got {x.device}")
 
@@ -102,9 +100,7 @@ def check_inputs(
             raise ValueError(f"g must have the shape of q {list(q.shape)}, got {list(g.shape)}")
         # a value check would force a device sync on CUDA; on other devices it is one cheap pass
         if g.device.type != "cuda" and g.numel() and bool((g > 0).any()):
-            raise ValueError(
-                f"g must be a log forget gate (all entries <= 0), got max {g.max().item():.4g}"
-            )
+            raise ValueError(f"g must be a log forget gate (all entries <= 0), got max {g.max().item():.4g}")
 
     if scale is None:
         scale = K**-0.5
@@ -134,9 +130,7 @@ def check_inputs(
         # reading the offsets costs a sync on CUDA; packed prefill is not the latency-critical path
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(
-                f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {offsets}"
-            )
+            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {offsets}")
 
     sdt = state_dtype_for(q.dtype)
     if initial_state is not None:

@@ -101,7 +101,9 @@ def use_fla(backend: str, q: torch.Tensor) -> bool:
             )
         ops, err = _import_fla()
         if ops is None:
-            raise ImportError(f"backend='fla' needs FLA, which failed to import ({err!r}): {FLA_INSTALL_HINT}")
+            raise ImportError(
+                f"backend='fla' needs FLA, which failed to import ({err!r}): {FLA_INSTALL_HINT}"
+            )
         return True
     # auto
     if not on_cuda or q.dtype not in FLA_DTYPES:
@@ -127,8 +129,15 @@ def gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
     else:
         fn, gate = ops["chunk_gla"], {"g": g}
     o, S = fn(
-        q=q, k=k, v=v, **gate, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, **dict(_layout_kwargs(fn)),
+        q=q,
+        k=k,
+        v=v,
+        **gate,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        **dict(_layout_kwargs(fn)),
     )
     return o.to(v.dtype), S
 
@@ -145,8 +154,14 @@ def linear_attn(q, k, v, scale, initial_state, output_final_state, cu_seqlens):
     else:
         fn = ops["fused_recurrent_linear_attn"]
     o, S = fn(
-        q=q, k=k, v=v, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, normalize=False, cu_seqlens=cu_seqlens,
+        q=q,
+        k=k,
+        v=v,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        normalize=False,
+        cu_seqlens=cu_seqlens,
         **dict(_layout_kwargs(fn)),
     )
     return o, S

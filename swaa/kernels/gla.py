@@ -34,7 +34,9 @@ def _blocks(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
 def _unblocks(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     # [B, H, N, C, V] -> [B, T, H, V] in `dtype`: the one copy out
     B, H, N, C, V = o.shape
-    return o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+    return (
+        o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+    )
 
 
 def _chunk_size(T: int) -> int:
@@ -60,7 +62,7 @@ def _run_segments(segment_fn, tensors, state):
         L = max(T, 1)
     outs = []
     for s in range(0, T, L):
-        o, state = segment_fn(*(x[:, s:s + L] for x in tensors), state)
+        o, state = segment_fn(*(x[:, s : s + L] for x in tensors), state)
         outs.append(o)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
 
@@ -129,6 +131,7 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
     Returns:
         o `[B, T, H, V]` in v's dtype, and the final state `[B, H, K, V]` or None.
     """
+
     def segment(q, k, v, g, S):
         return _chunk_gla_segment(q, k, v, g, scale, S)
 
@@ -235,8 +238,16 @@ def gla(
         final_state (Optional[torch.Tensor]): `[N, H, K, V]` if `output_final_state` else None.
     """
     check_inputs(
-        q, k, v, g, gated=True, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend,
+        q,
+        k,
+        v,
+        g,
+        gated=True,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
     )
     if scale is None:
         scale = q.shape[-1] ** -0.5

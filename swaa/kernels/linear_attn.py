@@ -41,6 +41,7 @@ def chunk_linear_attn_torch(q, k, v, scale, initial_state=None, output_final_sta
     Returns:
         o `[B, T, H, V]` in v's dtype, and the final state (same structure as initial_state) or None.
     """
+
     def segment(q, k, v, state):
         return _chunk_linear_attn_segment(q, k, v, scale, state, normalize)
 
@@ -177,8 +178,16 @@ def linear_attn(
         final_state: `[N, H, K, V]` (or the `(kv_state, z_state)` tuple) if `output_final_state`, else None.
     """
     check_inputs(
-        q, k, v, gated=False, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, normalize=normalize, cu_seqlens=cu_seqlens, backend=backend,
+        q,
+        k,
+        v,
+        gated=False,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        normalize=normalize,
+        cu_seqlens=cu_seqlens,
+        backend=backend,
     )
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -53,8 +53,13 @@ def _run(q, k, v, g, p, initial_state, output_final_state, normalize, cu_seqlens
     finals, zs = [], []
     for n, (b, s, e) in enumerate(spans):
         o_n, S_n, z_n = _recurrence(
-            q[b, s:e], k[b, s:e], v[b, s:e], None if g is None else g[b, s:e], p.scale,
-            S0[n], z0[n] if normalize else None,
+            q[b, s:e],
+            k[b, s:e],
+            v[b, s:e],
+            None if g is None else g[b, s:e],
+            p.scale,
+            S0[n],
+            z0[n] if normalize else None,
         )
         o[b, s:e] = o_n
         finals.append(S_n)
@@ -84,8 +89,15 @@ def naive_linear_attn(
     the state dtype (float32, or float64 for float64 inputs).
     """
     p = check_inputs(
-        q, k, v, gated=False, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, normalize=normalize, cu_seqlens=cu_seqlens,
+        q,
+        k,
+        v,
+        gated=False,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        normalize=normalize,
+        cu_seqlens=cu_seqlens,
     )
     return _run(q, k, v, None, p, initial_state, output_final_state, normalize, cu_seqlens)
 
@@ -107,7 +119,14 @@ def naive_gla(
     state dtype (float32, or float64 for float64 inputs).
     """
     p = check_inputs(
-        q, k, v, g, gated=True, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+        q,
+        k,
+        v,
+        g,
+        gated=True,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
     )
     return _run(q, k, v, g, p, initial_state, output_final_state, False, cu_seqlens)

@@ -43,9 +43,21 @@ if triton is not None:
 
     @triton.jit
     def _decode_step_kernel(
-        q, k, v, g, h0, o, ht, scale,
-        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-        HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
+        q,
+        k,
+        v,
+        g,
+        h0,
+        o,
+        ht,
+        scale,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_G: tl.constexpr,
+        HAS_H0: tl.constexpr,
+        STORE_HT: tl.constexpr,
     ):
         # program (i_v, i_bh): value columns [i_v * BV, (i_v + 1) * BV) of head row i_bh = b * H + h
         i_v = tl.program_id(0)
@@ -100,8 +112,20 @@ def decode_step_triton(q, k, v, g, scale, initial_state=None, output_final_state
     grid = (triton.cdiv(V, _BLOCK_V), B * H)
     # unused pointer arguments get any valid tensor; the constexpr flags keep them untouched
     _decode_step_kernel[grid](
-        q, k, v, g if g is not None else q, h0 if h0 is not None else o, o, ht if ht is not None else o,
-        scale, K=K, V=V, BK=BK, BV=_BLOCK_V,
-        HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=ht is not None,
+        q,
+        k,
+        v,
+        g if g is not None else q,
+        h0 if h0 is not None else o,
+        o,
+        ht if ht is not None else o,
+        scale,
+        K=K,
+        V=V,
+        BK=BK,
+        BV=_BLOCK_V,
+        HAS_G=g is not None,
+        HAS_H0=h0 is not None,
+        STORE_HT=ht is not None,
     )
     return o, ht
