@@ -102,6 +102,11 @@ def test_convert_into_an_empty_existing_folder(checkpoint, tmp_path, capsys):
         (["--linear-layers", "every:0"], ["every:N"]),
         (["--linear-layers", "0", "--option", "nonsense"], ["KEY=VALUE", "nonsense"]),
         (["--linear-layers", "0", "--option", "gate=sideways"], ["gate must be one of"]),
+        # JSON spells it `false`; Python's `False` stays a string, which must not pass for a truthy flag
+        (
+            ["--linear-layers", "0", "--option", "output_norm=False"],
+            ["output_norm must be a bool", "'False'"],
+        ),
     ],
 )
 def test_convert_errors_leave_nothing_at_out(checkpoint, tmp_path, capsys, args, words):

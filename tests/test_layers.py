@@ -130,6 +130,15 @@ def test_exported_from_swaa():
         (dict(hidden_size=32, num_heads=4, num_kv_heads=3), ValueError, ["num_kv_heads", "3"]),
         (dict(hidden_size=30, num_heads=4), ValueError, ["head_dim", "30"]),
         (dict(**KW, layer_idx=-1), ValueError, ["layer_idx", "-1"]),
+        (dict(**KW, layer_idx="1"), TypeError, ["layer_idx", "str", "'1'"]),
+        (dict(hidden_size=32.0, num_heads=4), TypeError, ["hidden_size", "float"]),
+        # a flag spelled as text (JSON config, `swaa --option`) would be truthy even when it says False
+        (dict(**KW, output_norm="False"), TypeError, ["output_norm", "bool", "'False'"]),
+        (dict(**KW, use_rope=1), TypeError, ["use_rope", "bool", "int"]),
+        (dict(**KW, scale="x"), TypeError, ["scale", "'x'"]),
+        (dict(**KW, scale=-1.0), ValueError, ["scale", "-1.0"]),
+        (dict(**KW, norm_eps=0), ValueError, ["norm_eps", "0"]),
+        (dict(**KW, gate_logit_normalizer=True), TypeError, ["gate_logit_normalizer", "bool"]),
     ],
 )
 def test_bad_arguments_are_refused_with_their_name(kwargs, err, words):

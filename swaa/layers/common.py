@@ -45,9 +45,23 @@ class AttentionShape:
     rms_norm_eps: float
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value, allow_none: bool = False):
+    """``value`` itself, or TypeError (not a number; bool counts as not) / ValueError (not > 0)."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        expected = "a positive number or None" if allow_none else "a positive number"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     return value
 
 
@@ -73,9 +87,9 @@ def resolve_shape(config, overrides: dict) -> AttentionShape:
             f"hidden_size=/num_heads=, got config={type(config).__name__}, hidden_size={hidden_size!r}, "
             f"num_heads={num_heads!r}"
         )
-    hidden_size = _positive_int("hidden_size", hidden_size)
-    num_heads = _positive_int("num_heads", num_heads)
-    num_kv_heads = _positive_int(
+    hidden_size = check_positive_int("hidden_size", hidden_size)
+    num_heads = check_positive_int("num_heads", num_heads)
+    num_kv_heads = check_positive_int(
         "num_kv_heads", overrides.pop("num_kv_heads", from_config("num_key_value_heads", num_heads))
     )
     if num_heads % num_kv_heads:
@@ -89,7 +103,7 @@ def resolve_shape(config, overrides: dict) -> AttentionShape:
                 f"head_dim is not given and hidden_size={hidden_size} is not a multiple of num_heads={num_heads}"
             )
         head_dim = hidden_size // num_heads
-    head_dim = _positive_int("head_dim", head_dim)
+    head_dim = check_positive_int("head_dim", head_dim)
 
     # a saved hybrid's config says "swaa_<family>" (swaa.convert registers those); its layout is the family's
     model_type = str(from_config("model_type", "")).removeprefix("swaa_")
@@ -250,6 +264,8 @@ def _ensure_cache_patch():
         _CACHE_PATCHED = True
 
 
+_FLAG_OPTIONS = ("use_rope", "output_norm", "output_gate", "normalize")
+
 _SHARED_DEFAULTS = {
     "backend": "auto",
     "use_rope": True,
@@ -272,9 +288,11 @@ class RecurrentAttentionBase(nn.Module):
     def __init__(self, config=None, layer_idx: int | None = None, **overrides):
         super().__init__()
         overrides = dict(overrides)
-        if layer_idx is not None and (
-            isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0
-        ):
+        if layer_idx is not None and (isinstance(layer_idx, bool) or not isinstance(layer_idx, int)):
+            raise TypeError(
+                f"layer_idx must be a non-negative int or None, got {type(layer_idx).__name__} {layer_idx!r}"
+            )
+        if layer_idx is not None and layer_idx < 0:
             raise ValueError(f"layer_idx must be a non-negative int or None, got {layer_idx!r}")
         self.config = config
         self.layer_idx = layer_idx
@@ -293,6 +311,15 @@ class RecurrentAttentionBase(nn.Module):
             raise ValueError(f"backend must be one of {BACKENDS}, got {options['backend']!r}")
         if options.get("feature_map", "identity") not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {options['feature_map']!r}")
+        # JSON-borne options (config.swaa_hybrid, `swaa --option`) arrive as whatever the text said:
+        # "False" as a string would be truthy, so flags must be real bools
+        for name in _FLAG_OPTIONS:
+            if name in options and not isinstance(options[name], bool):
+                raise TypeError(
+                    f"{name} must be a bool, got {type(options[name]).__name__} {options[name]!r}"
+                )
+        check_positive_number("scale", options["scale"], allow_none=True)
+        check_positive_number("norm_eps", options["norm_eps"], allow_none=True)
         if options["norm_eps"] is None:
             options["norm_eps"] = shape.rms_norm_eps
         # options live as plain attributes (layer.backend = "torch" switches the kernels of a built layer)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swaa import kernels
-from swaa.layers.common import RecurrentAttentionBase
+from swaa.layers.common import RecurrentAttentionBase, check_positive_int, check_positive_number
 
 GATES = ("low_rank", "from_keys")
 
@@ -73,16 +73,12 @@ class GatedLinearAttention(RecurrentAttentionBase):
         super().__init__(config, layer_idx, **overrides)
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if not (isinstance(self.gate_logit_normalizer, (int, float)) and self.gate_logit_normalizer > 0):
-            raise ValueError(
-                f"gate_logit_normalizer must be a positive number, got {self.gate_logit_normalizer!r}"
-            )
+        check_positive_number("gate_logit_normalizer", self.gate_logit_normalizer)
         # key features per head after the feature map (hedgehog doubles them)
         self.key_feature_dim = 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
         if self.gate == "low_rank":
             r = self.gate_low_rank_dim
-            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-                raise ValueError(f"gate_low_rank_dim must be a positive int, got {r!r}")
+            check_positive_int("gate_low_rank_dim", r)
             self.gk_proj = nn.Sequential(
                 nn.Linear(self.hidden_size, r, bias=False),
                 nn.Linear(r, self.num_kv_heads * self.key_feature_dim, bias=True),
