@@ -119,26 +119,18 @@ def _cmd_convert(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
+    from swaa.convert.evaluate import generate_reply
+
     _, model, tokenizer = _load(args.model, args.dtype)
     _maybe_convert(model, args)
-    if args.chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
-        )
-        enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False, add_special_tokens=False)
-    else:
-        enc = tokenizer(args.prompt, return_tensors="pt", return_token_type_ids=False)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "pad_token_id": pad}
+    kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
     if args.sample:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
         kwargs.update(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(**enc, **kwargs)
-    print(tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    print(generate_reply(model, tokenizer, args.prompt, chat=args.chat, **kwargs))
     return 0
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 
 from swaa.cli import main
 from swaa.convert import convert_to_hybrid
+from swaa.convert.evaluate import answer
 from swaa.demo import default_text_path
 
 CHAT_TEMPLATE = (
@@ -147,6 +148,10 @@ def test_generate_uses_the_chat_template_and_converts_on_the_fly(checkpoint, cap
     code, out, err = run(capsys, "generate", checkpoint, "--prompt", "Hello", "--max-new-tokens", "5")
     assert code == 0, err
     assert out.strip()
+    # the greedy reply through the chat template, as the library's own helper gives it
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint)
+    assert out.strip() == answer(model, tokenizer, "Hello", max_new_tokens=5)
     code, out_hybrid, err = run(
         capsys, "generate", checkpoint, "--prompt", "Hello", "--max-new-tokens", "5", "--linear-layers", "all"
     )
@@ -165,6 +170,12 @@ def test_generate_uses_the_chat_template_and_converts_on_the_fly(checkpoint, cap
         "--no-chat",
     )
     assert code == 0, err
+    code, again, err = run(
+        capsys, "generate", checkpoint, "--prompt", "Hi", "--max-new-tokens", "4", "--sample", "--seed", "3",
+        "--no-chat",
+    )  # fmt: skip
+    assert code == 0, err
+    assert again == sampled
     code, beams, err = run(
         capsys, "generate", checkpoint, "--prompt", "Hi", "--max-new-tokens", "4", "--num-beams", "2"
     )

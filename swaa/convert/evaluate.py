@@ -12,6 +12,8 @@ __all__ = [
     "answer",
     "cache_argument",
     "cache_bytes",
+    "encode_prompt",
+    "generate_reply",
     "layer_kinds",
     "perplexity",
     "tokenize_text",
@@ -169,9 +171,9 @@ def cache_bytes(model, probe_tokens: int = 8) -> CacheBytes:
     )
 
 
-@torch.no_grad()
-def answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> str:
-    """Greedy answer of ``model`` to ``prompt``; through the chat template when the tokenizer has one."""
+def encode_prompt(tokenizer, prompt: str, chat: bool = True, device=None) -> dict:
+    """``input_ids`` / ``attention_mask`` ``[1, T]`` of ``prompt``, through the chat template (as a user
+    turn, ending with the assistant's turn) when ``chat`` is on and the tokenizer has one."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -179,8 +181,18 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool =
         enc = tokenizer(text, return_tensors="pt", return_token_type_ids=False, add_special_tokens=False)
     else:
         enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
+    return {k: v.to(device) for k, v in enc.items()} if device is not None else dict(enc)
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, prompt: str, chat: bool = True, **generate_kwargs) -> str:
+    """``model.generate`` on ``prompt`` (see :func:`encode_prompt`); returns the new text only."""
+    enc = encode_prompt(tokenizer, prompt, chat=chat, device=next(model.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    out = model.generate(**enc, pad_token_id=pad, **generate_kwargs)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 32, chat: bool = True) -> str:
+    """Greedy answer of ``model`` to ``prompt``; through the chat template when the tokenizer has one."""
+    return generate_reply(model, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens, do_sample=False)
