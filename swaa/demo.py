@@ -102,6 +102,7 @@ def run_demo(
         return {
             "perplexity": ppl["perplexity"],
             "scored_tokens": ppl["tokens"],
+            "windows": ppl["windows"],
             "cache_bytes": size.at(CACHE_TOKENS),
             "kv_bytes_per_token": size.kv_bytes_per_token,
             "state_bytes": size.state_bytes,
@@ -120,7 +121,7 @@ def run_demo(
     echo("")
     echo(f"converted {len(converted)} of {n_layers} layers to {kind} ({linear_layers!r}): {converted}")
     echo(
-        f"perplexity: {o['scored_tokens']} predicted tokens of {text_file.name}, {max_windows} windows of {window}"
+        f"perplexity: {o['scored_tokens']} predicted tokens of {text_file.name}, {o['windows']} window(s) of {window}"
     )
     echo("")
     width = 32

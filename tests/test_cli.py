@@ -234,10 +234,14 @@ def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(default_text_path().read_text(encoding="utf-8")[:2000], encoding="utf-8")
     code, out, err = run(
-        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "2",
+        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "9999",
         "--max-new-tokens", "3", "--text", text,
     )  # fmt: skip
     assert code == 0, err
+    # the windows actually scored, not the number asked for
+    tokens = PreTrainedTokenizerFast.from_pretrained(checkpoint)(text.read_text(), add_special_tokens=False)
+    windows = len(tokens["input_ids"]) // 32
+    assert f"{windows * 31} predicted tokens of text.txt, {windows} window(s) of 32" in out
     assert "converted 2 of 4 layers to gla ('last:2'): [2, 3]" in out
     table = {
         line.split("  ")[0].strip(): line.split()
