@@ -264,9 +264,11 @@ def convert_to_hybrid(model, linear_layers, kind: str = "gla", **layer_options):
         swaa version. Converting an empty selection changes nothing at all.
 
     Raises:
-        TypeError: not a supported causal LM, or options the layer does not take / that are not JSON values.
-        ValueError: an unknown kind or pattern, a layer already converted, or a kind/options differing from an
-            earlier conversion of the same model; a source weight with no place in the new layer.
+        TypeError: not a transformers causal LM (or not the causal-LM class of its family), or options the
+            layer does not take / that are not JSON values.
+        ValueError: a model_type outside the family table (the message lists the supported ones), an unknown
+            kind or pattern, a layer already converted, or a kind/options differing from an earlier
+            conversion of the same model; a source weight with no place in the new layer.
         IndexError: a layer index out of range.
 
     Every check runs before the model is modified: a refused call leaves the model as it was.
