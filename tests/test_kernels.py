@@ -303,3 +303,21 @@ def test_segmented_runs_equal_the_oracle(normalize, monkeypatch):
     assert rel(o, o_ref) < 1e-10
     for a, b in zip(S if normalize else (S,), S_ref if normalize else (S_ref,)):
         assert rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("span_max", [-1.0, 30.0], ids=["products", "reference"])
+def test_gla_both_chunk_forms_match_oracle_float64(span_max, monkeypatch):
+    # on CPU, segments whose gates decay by at most e^-REFERENCE_SPAN_MAX per chunk take the plain
+    # form (the chunk's start as reference), others the form built from products of gates:
+    # span_max = -1 forces the latter everywhere; g spans ~45 per chunk, g / 16 ~3
+    monkeypatch.setattr(GLA_MODULE, "REFERENCE_SPAN_MAX", span_max)
+    q, k, v, g, h0, _ = make(2, 150, 2, 16, 8)
+    for gates in (g, g / 16):
+        o_ref, S_ref = naive_gla(q, k, v, gates, initial_state=h0, output_final_state=True)
+        o, S = chunk_gla_torch(q, k, v, gates, 16**-0.5, h0, True)
+        assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
+    inputs = [x[:1, :11].clone().requires_grad_() for x in (q, k, v, g)] + [h0[:1].clone().requires_grad_()]
+    monkeypatch.setattr(GLA_MODULE, "CHUNK_SIZE", 4)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, g, h0: chunk_gla_torch(q, k, v, g, 0.5, h0, True), inputs
+    )

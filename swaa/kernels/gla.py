@@ -16,6 +16,11 @@ from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 CHUNK_SIZE = 64
 # elements per activation tensor in one segment of the CPU chunked form (see _run_segments)
 SEGMENT_ELEMENTS = 1 << 17
+# on CPU, a chunk whose gates decay by at most e^-REFERENCE_SPAN_MAX (in every key channel) takes the
+# plain chunked form with the chunk's start as the reference point: its factors e^G and e^-G then
+# lie within e^+-30, far from float32's overflow and underflow (e^+-87), so every product is exact
+# to a few ulps; stronger gates take the form built from products of gates (see _intra_chunk)
+REFERENCE_SPAN_MAX = 30.0
 # up to this half-block size the intra-chunk products are done elementwise: batched matmuls of
 # thousands of 1x1 or 2x2 blocks cost more in dispatch than they save (measured on CPU)
 _ELEMENTWISE_MAX_HALF = 2
@@ -148,9 +153,22 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     qc = _blocks(q, dt, C).mul_(scale)
     kc, vc, gc = _blocks(k, dt, C), _blocks(v, dt, C), _blocks(g, dt, C)
     # padding tokens have g = 0 and k = 0: they neither decay nor add to the state
-    o, qd, kd = _intra_chunk(qc, kc, vc, gc.exp_())
+    G = gc.cumsum(-2)  # [B, H, N, C, K], log decay from the chunk's start through each token
+    if q.device.type == "cpu" and G[..., -1, :].min() >= -REFERENCE_SPAN_MAX:
+        # the chunk's start as the reference: qd = e^G in [e^-span, 1] and k / qd <= e^span
+        qd = G.exp()  # decay from the chunk's start through token i
+        kg = kc / qd  # k_j e^-G_j, so that (q_i qd_i) . kg_j = q_i k_j e^(G_i - G_j)
+        qc = qc * qd
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        A = (qc @ kg.transpose(-1, -2)).masked_fill_(~causal, 0)  # [B, H, N, C, C]
+        o = A @ vc
+        kd = kg * qd[..., -1:, :]  # decay from after token j to the chunk's end, times k
+    else:
+        o, qd, kd = _intra_chunk(qc, kc, vc, gc.exp())
+        qc = qc * qd
+        kd = kc * kd
     # what each chunk adds to the state, decayed to the chunk's end (factors <= 1)
-    U = (kc * kd).transpose(-1, -2) @ vc  # [B, H, N, K, V]
+    U = kd.transpose(-1, -2) @ vc  # [B, H, N, K, V]
     decay = qd[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1], the whole chunk's decay
     S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
     starts = []
@@ -158,8 +176,8 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
         starts.append(S)
         S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
     # each query reads the state at its chunk's start, decayed to its own position
-    o = o + (qc * qd) @ torch.stack(starts, 2)
-    return _unblocks(o, T, v.dtype), S
+    o = torch.baddbmm(o.flatten(0, 2), qc.flatten(0, 2), torch.stack(starts, 2).flatten(0, 2))
+    return _unblocks(o.view(B, H, -1, C, V), T, v.dtype), S
 
 
 def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
