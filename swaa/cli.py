@@ -160,11 +160,11 @@ def _cmd_eval(args) -> int:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    return str(n)
+    return f"{n:.2f} GiB"
 
 
 def _cmd_info(args) -> int:
