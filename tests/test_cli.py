@@ -135,6 +135,11 @@ def test_convert_refuses_a_missing_source_and_an_existing_out(checkpoint, tmp_pa
     assert_one_line_error(code, err, "no config.json")
 
 
+def test_an_empty_model_argument_is_not_the_current_folder(capsys):
+    code, _, err = run(capsys, "info", "")
+    assert_one_line_error(code, err, "no such file or folder: ''")
+
+
 def test_convert_refuses_an_unsupported_model(tmp_path, capsys):
     src = tmp_path / "gpt2"
     torch.manual_seed(0)

@@ -59,6 +59,11 @@ def resolve_source(spec: str | os.PathLike) -> Source:
         ValueError: ``spec`` is an existing file that is not a GGUF file.
     """
     text = os.fspath(spec)
+    if not text.strip():
+        # Path("") is the current folder: an empty argument must not silently mean "here"
+        raise FileNotFoundError(
+            f"no such file or folder: {text!r} (give a checkpoint folder, a .gguf file or a hub id)"
+        )
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -70,7 +75,7 @@ def resolve_source(spec: str | os.PathLike) -> Source:
                 f"{text!r} is a file but not a GGUF file; give a checkpoint folder, a .gguf file or a hub id"
             )
         return Source("gguf", str(path.parent), path.name)
-    if _looks_like_path(text) or not text:
+    if _looks_like_path(text):
         raise FileNotFoundError(f"no such file or folder: {text!r}")
     return Source("hub", text)
 
