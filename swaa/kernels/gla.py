@@ -36,14 +36,6 @@ def _blocks(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
     return out.view(B, H, N, C, D)
 
 
-def _unblocks(o: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
-    # [B, H, N, C, V] -> [B, T, H, V] in `dtype`: the one copy out
-    B, H, N, C, V = o.shape
-    return (
-        o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
-    )
-
-
 def _chunk_size(T: int) -> int:
     # short inputs get the smallest power-of-two chunk that holds them
     return min(CHUNK_SIZE, 1 << max(T - 1, 0).bit_length())
@@ -65,11 +57,12 @@ def _run_segments(segment_fn, tensors, state):
         L = max(C, SEGMENT_ELEMENTS // (B * H * max(K, v.shape[-1])) // C * C)
     else:
         L = max(T, 1)
-    outs = []
+    out = v.new_empty(v.shape)
     for s in range(0, T, L):
         o, state = segment_fn(*(x[:, s : s + L] for x in tensors), state)
-        outs.append(o)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), state
+        n = min(L, T - s)
+        out[:, s : s + n].copy_(o.flatten(2, 3)[:, :, :n].transpose(1, 2))
+    return out, state
 
 
 def _intra_chunk(q, k, v, a):
@@ -145,7 +138,7 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
 
 
 def _chunk_gla_segment(q, k, v, g, scale, initial_state):
-    # one segment of chunk_gla_torch; returns (o [B, T, H, V] in v's dtype, final state)
+    # one segment of chunk_gla_torch; returns (o [B, H, N, C, V] in the state dtype, final state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -177,7 +170,7 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
         S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
     # each query reads the state at its chunk's start, decayed to its own position
     o = torch.baddbmm(o.flatten(0, 2), qc.flatten(0, 2), torch.stack(starts, 2).flatten(0, 2))
-    return _unblocks(o.view(B, H, -1, C, V), T, v.dtype), S
+    return o.view(B, H, -1, C, V), S
 
 
 def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):

@@ -13,7 +13,7 @@ import torch
 from swaa.kernels import fla_adapter
 from swaa.kernels._checks import check_inputs
 from swaa.kernels._varlen import Packing
-from swaa.kernels.gla import _blocks, _chunk_size, _run_segments, _unblocks
+from swaa.kernels.gla import _blocks, _chunk_size, _run_segments
 from swaa.kernels.naive import NORMALIZE_EPS
 from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
@@ -50,7 +50,7 @@ def chunk_linear_attn_torch(q, k, v, scale, initial_state=None, output_final_sta
 
 
 def _chunk_linear_attn_segment(q, k, v, scale, initial_state, normalize):
-    # one segment of chunk_linear_attn_torch; returns (o [B, T, H, V] in v's dtype, final state)
+    # one segment of chunk_linear_attn_torch; returns (o [B, H, N, C, V] in the state dtype, final state)
     B, T, H, K = q.shape
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
@@ -69,7 +69,7 @@ def _chunk_linear_attn_segment(q, k, v, scale, initial_state, normalize):
         den = A.sum(-1, keepdim=True) + (qc * z_start.unsqueeze(-2)).sum(-1, keepdim=True)
         o = o / (den + NORMALIZE_EPS)
         z = z_start[:, :, -1] + ksum[:, :, -1]
-    return _unblocks(o, T, v.dtype), ((S, z) if normalize else S)
+    return o, ((S, z) if normalize else S)
 
 
 def linear_attn_step_torch(q, k, v, scale, initial_state=None, output_final_state=False, normalize=False):
