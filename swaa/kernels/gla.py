@@ -137,39 +137,52 @@ def chunk_gla_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fa
     return o, (S if output_final_state else None)
 
 
+def _blocks_or_view(x: torch.Tensor, dtype: torch.dtype, C: int) -> torch.Tensor:
+    # [B, T, H, D] -> [B, H, N, C, D]: a strided view when T is a multiple of C (the elementwise
+    # op that reads it makes the one copy, in the promoted dtype), else the padded copy of _blocks
+    if x.shape[1] % C:
+        return _blocks(x, dtype, C)
+    return x.transpose(1, 2).unflatten(2, (x.shape[1] // C, C))
+
+
 def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     # one segment of chunk_gla_torch; returns (o [B, H, N, C, V] in the state dtype, final state)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     C = _chunk_size(T)
-    qc = _blocks(q, dt, C).mul_(scale)
-    kc, vc, gc = _blocks(k, dt, C), _blocks(v, dt, C), _blocks(g, dt, C)
+    vc, gc = _blocks(v, dt, C), _blocks(g, dt, C)
     # padding tokens have g = 0 and k = 0: they neither decay nor add to the state
     G = gc.cumsum(-2)  # [B, H, N, C, K], log decay from the chunk's start through each token
     if q.device.type == "cpu" and G[..., -1, :].min() >= -REFERENCE_SPAN_MAX:
         # the chunk's start as the reference: qd = e^G in [e^-span, 1] and k / qd <= e^span
-        qd = G.exp()  # decay from the chunk's start through token i
-        kg = kc / qd  # k_j e^-G_j, so that (q_i qd_i) . kg_j = q_i k_j e^(G_i - G_j)
-        qc = qc * qd
+        qd = G.exp_()  # decay from the chunk's start through token i
+        kg = _blocks(k, dt, C).div_(qd)  # k_j e^-G_j: (q_i qd_i) . kg_j = q_i k_j e^(G_i - G_j)
+        # qd first: the product takes qd's contiguous layout, not the strided view's
+        qg = qd * _blocks_or_view(q, dt, C)
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        A = (qc @ kg.transpose(-1, -2)).masked_fill_(~causal, 0)  # [B, H, N, C, C]
-        o = A @ vc
-        kd = kg * qd[..., -1:, :]  # decay from after token j to the chunk's end, times k
+        A = (qg @ kg.transpose(-1, -2)).masked_fill_(~causal, 0)  # [B, H, N, C, C]
+        o = A.flatten(0, 2) @ vc.flatten(0, 2)
+        kd = kg * qd[..., -1:, :]  # k_j times the decay from after token j to the chunk's end
+        # scale multiplies both parts of o inside the last product (no pass of its own)
+        beta = alpha = scale
     else:
+        qc = _blocks(q, dt, C).mul_(scale)
+        kc = _blocks(k, dt, C)
         o, qd, kd = _intra_chunk(qc, kc, vc, gc.exp())
-        qc = qc * qd
-        kd = kc * kd
+        o = o.flatten(0, 2)
+        qg, kd = qc * qd, kc * kd
+        beta = alpha = 1
     # what each chunk adds to the state, decayed to the chunk's end (factors <= 1)
     U = kd.transpose(-1, -2) @ vc  # [B, H, N, K, V]
     decay = qd[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1], the whole chunk's decay
     S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
     starts = []
-    for n in range(qc.shape[2]):
+    for n in range(qg.shape[2]):
         starts.append(S)
         S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
     # each query reads the state at its chunk's start, decayed to its own position
-    o = torch.baddbmm(o.flatten(0, 2), qc.flatten(0, 2), torch.stack(starts, 2).flatten(0, 2))
+    o = o.baddbmm_(qg.flatten(0, 2), torch.stack(starts, 2).flatten(0, 2), beta=beta, alpha=alpha)
     return o.view(B, H, -1, C, V), S
 
 
