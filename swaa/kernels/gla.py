@@ -21,6 +21,7 @@ SEGMENT_ELEMENTS = 1 << 17
 # lie within e^+-30, far from float32's overflow and underflow (e^+-87), so every product is exact
 # to a few ulps; stronger gates take the form built from products of gates (see _intra_chunk)
 REFERENCE_SPAN_MAX = 30.0
+_LOG2_E = 1.4426950408889634  # e^x = 2^(x log2(e))
 # up to this half-block size the intra-chunk products are done elementwise: batched matmuls of
 # thousands of 1x1 or 2x2 blocks cost more in dispatch than they save (measured on CPU)
 _ELEMENTWISE_MAX_HALF = 2
@@ -156,12 +157,12 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     G = gc.cumsum(-2)  # [B, H, N, C, K], log decay from the chunk's start through each token
     if q.device.type == "cpu" and G[..., -1, :].min() >= -REFERENCE_SPAN_MAX:
         # the chunk's start as the reference: qd = e^G in [e^-span, 1] and k / qd <= e^span
-        qd = G.exp_()  # decay from the chunk's start through token i
+        # decay from the chunk's start through token i; exp2 runs ~3x faster than exp on CPU
+        qd = G.mul_(_LOG2_E).exp2_()
         kg = _blocks(k, dt, C).div_(qd)  # k_j e^-G_j: (q_i qd_i) . kg_j = q_i k_j e^(G_i - G_j)
         # qd first: the product takes qd's contiguous layout, not the strided view's
         qg = qd * _blocks_or_view(q, dt, C)
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        A = (qg @ kg.transpose(-1, -2)).masked_fill_(~causal, 0)  # [B, H, N, C, C]
+        A = (qg @ kg.transpose(-1, -2)).tril_()  # [B, H, N, C, C]; tril_ ~15x faster than a mask
         o = A.flatten(0, 2) @ vc.flatten(0, 2)
         kd = kg * qd[..., -1:, :]  # k_j times the decay from after token j to the chunk's end
         # scale multiplies both parts of o inside the last product (no pass of its own)
