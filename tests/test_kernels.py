@@ -254,7 +254,7 @@ def test_gla_16k_tokens_stays_finite(gate):
 
 
 def test_strong_and_mixed_gates_match_oracle_float64():
-    # gates from -20 to ~0 per step within each chunk: exact despite e^(64 * 20) spans
+    # gates from -20 to ~0 per step within each chunk: exact despite e^(CHUNK_SIZE * 20) spans
     q, k, v, g, h0, _ = make(1, 200, 2, 8, 8, seed=3)
     g = -torch.rand_like(g) * 20 * (torch.rand_like(g) > 0.5)
     o_ref, S_ref = naive_gla(q, k, v, g, initial_state=h0, output_final_state=True)
@@ -309,7 +309,7 @@ def test_segmented_runs_equal_the_oracle(normalize, monkeypatch):
 def test_gla_both_chunk_forms_match_oracle_float64(span_max, monkeypatch):
     # on CPU, segments whose gates decay by at most e^-REFERENCE_SPAN_MAX per chunk take the plain
     # form (the chunk's start as reference), others the form built from products of gates:
-    # span_max = -1 forces the latter everywhere; g spans ~45 per chunk, g / 16 ~3
+    # span_max = -1 forces the latter everywhere; g / 16 (a few per chunk) takes the plain form
     monkeypatch.setattr(GLA_MODULE, "REFERENCE_SPAN_MAX", span_max)
     q, k, v, g, h0, _ = make(2, 150, 2, 16, 8)
     for gates in (g, g / 16):
