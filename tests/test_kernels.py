@@ -321,3 +321,13 @@ def test_gla_both_chunk_forms_match_oracle_float64(span_max, monkeypatch):
     assert torch.autograd.gradcheck(
         lambda q, k, v, g, h0: chunk_gla_torch(q, k, v, g, 0.5, h0, True), inputs
     )
+
+
+def test_gla_with_and_without_autograd_give_identical_values():
+    # without autograd the chunk states are written in place (out=); with it they are stacked
+    q, k, v, g, h0, _ = make(1, 150, 2, 16, 8, dtype=torch.float32)
+    with torch.no_grad():
+        o, S = chunk_gla_torch(q, k, v, g, 0.25, h0, True)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
+    o_g, S_g = chunk_gla_torch(*xs[:4], 0.25, xs[4], True)
+    assert o_g.requires_grad and torch.equal(o, o_g) and torch.equal(S, S_g)

@@ -179,14 +179,31 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     # what each chunk adds to the state, decayed to the chunk's end (factors <= 1)
     U = kd.transpose(-1, -2) @ vc  # [B, H, N, K, V]
     decay = qd[..., -1:, :].transpose(-1, -2)  # [B, H, N, K, 1], the whole chunk's decay
-    S = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
-    starts = []
-    for n in range(qg.shape[2]):
-        starts.append(S)
-        S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
+    S0 = initial_state if initial_state is not None else q.new_zeros(B, H, K, V, dtype=dt)
+    starts, S = _chunk_starts(U, decay, S0)
     # each query reads the state at its chunk's start, decayed to its own position
-    o = o.baddbmm_(qg.flatten(0, 2), torch.stack(starts, 2).flatten(0, 2), beta=beta, alpha=alpha)
+    o = o.baddbmm_(qg.flatten(0, 2), starts.flatten(0, 2), beta=beta, alpha=alpha)
     return o.view(B, H, -1, C, V), S
+
+
+def _chunk_starts(U, decay, S):
+    """The state at each chunk's start, S_{n+1} = decay_n * S_n + U_n, and the final state.
+
+    U `[B, H, N, K, V]`, decay `[B, H, N, K, 1]`, S `[B, H, K, V]`. Without autograd the states
+    are written in place into one buffer (out=); with it they are stacked: the same values.
+    """
+    N = U.shape[2]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (U, decay, S)):
+        starts = []
+        for n in range(N):
+            starts.append(S)
+            S = torch.addcmul(U[:, :, n], decay[:, :, n], S)
+        return torch.stack(starts, 2), S
+    starts = U.new_empty(U.shape)
+    starts[:, :, 0].copy_(S)
+    for n in range(N - 1):
+        torch.addcmul(U[:, :, n], decay[:, :, n], starts[:, :, n], out=starts[:, :, n + 1])
+    return starts, torch.addcmul(U[:, :, N - 1], decay[:, :, N - 1], starts[:, :, N - 1])
 
 
 def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
