@@ -172,7 +172,7 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     else:
         qc = _blocks(q, dt, C).mul_(scale)
         kc = _blocks(k, dt, C)
-        o, qd, kd = _intra_chunk(qc, kc, vc, gc.exp())
+        o, qd, kd = _intra_chunk(qc, kc, vc, gc.mul_(_LOG2_E).exp2_())  # a = e^g
         o = o.flatten(0, 2)
         qg, kd = qc * qd, kc * kd
         beta = alpha = 1
