@@ -318,9 +318,7 @@ def test_gla_both_chunk_forms_match_oracle_float64(span_max, monkeypatch):
         assert rel(o, o_ref) < 1e-10 and rel(S, S_ref) < 1e-10
     inputs = [x[:1, :11].clone().requires_grad_() for x in (q, k, v, g)] + [h0[:1].clone().requires_grad_()]
     monkeypatch.setattr(GLA_MODULE, "CHUNK_SIZE", 4)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v, g, h0: chunk_gla_torch(q, k, v, g, 0.5, h0, True), inputs
-    )
+    assert torch.autograd.gradcheck(lambda q, k, v, g, h0: chunk_gla_torch(q, k, v, g, 0.5, h0, True), inputs)
 
 
 def test_gla_with_and_without_autograd_give_identical_values():
