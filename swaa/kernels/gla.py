@@ -18,10 +18,11 @@ from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 CHUNK_SIZE = 32
 # elements per activation tensor in one segment of the CPU chunked form (see _run_segments)
 SEGMENT_ELEMENTS = 1 << 17
-# on CPU, a chunk whose gates decay by at most e^-REFERENCE_SPAN_MAX (in every key channel) takes the
-# plain chunked form with the chunk's start as the reference point: its factors e^G and e^-G then
-# lie within e^+-30, far from float32's overflow and underflow (e^+-87), so every product is exact
-# to a few ulps; stronger gates take the form built from products of gates (see _intra_chunk)
+# on CPU, a segment whose chunks all decay by at most e^-REFERENCE_SPAN_MAX (in every key channel)
+# takes the plain chunked form with each chunk's start as the reference point: its factors e^G and
+# e^-G then lie within e^+-30, far from float32's overflow and underflow (e^+-87), so every
+# product is exact to a few ulps (the check costs no device sync there). Segments with stronger
+# gates, and every segment off CPU, take the form built from products of gates (see _intra_chunk)
 REFERENCE_SPAN_MAX = 30.0
 _LOG2_E = 1.4426950408889634  # e^x = 2^(x log2(e))
 # up to this half-block size the intra-chunk products are done elementwise: batched matmuls of
