@@ -5,7 +5,9 @@
 Checks first that the chunked form equals the float64 oracle (an op that fails is not timed),
 then times forward with final state at B=1, H=8, K=V=64, float32: the naive loop vs the
 chunked form at T=2048 (the issue's target: >= 8x), and the chunked form's growth with T
-(should be linear). Strong gates (-20 per token) are timed too: the safeguards are always on.
+(should be linear). Strong gates (-20 per token) are timed too: the realistic gates take the
+plain chunked form (per-chunk decay spans within e^30), the strong ones the form built from
+products of gates, so that column is the cost of the safeguard.
 Medians of wall time after warm-up; the JSON holds the machine, versions, shapes and numbers;
 the table is printed last. On a shared machine, other processes make multi-threaded timings
 erratic (threads wait for each other at every op); `--threads 1` gives a stable comparison.
