@@ -171,6 +171,7 @@ def tokens_to_keep(attention_mask, q_len: int, offset) -> torch.Tensor | None:
     - 4D ``[B, 1 or heads, q, kv]`` bool (SDPA; True = may attend) or float (eager; 0 = may attend,
       a large negative number = masked): a padding position cannot attend to itself, so the mask's
       diagonal for the new queries, column ``offset + i`` for query ``i``, says which are real.
+    - 3D ``[B, q, kv]``: read as the 4D mask with its head axis already dropped.
     - 2D ``[B, kv]`` (flash-attention style, 1 = real; also what a user may pass to the layer
       directly): columns ``offset .. offset + q_len - 1``, or the whole mask when its width is ``q_len``.
 
@@ -187,7 +188,7 @@ def tokens_to_keep(attention_mask, q_len: int, offset) -> torch.Tensor | None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(
-            "attention_mask must be None, a 2D [B, T] padding mask or a 4D [B, 1, q, kv] mask tensor, "
+            "attention_mask must be None, a 2D [B, T] padding mask or a 3D/4D [B, (1,) q, kv] mask tensor, "
             f"got {type(attention_mask).__name__} (flex-attention BlockMasks carry no padding we can read)"
         )
     kv_len = attention_mask.shape[-1]
@@ -201,7 +202,7 @@ def tokens_to_keep(attention_mask, q_len: int, offset) -> torch.Tensor | None:
         mask = attention_mask if attention_mask.dim() == 3 else attention_mask[:, 0]
         keep = mask  # rows x columns; the diagonal is taken below
     else:
-        raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(attention_mask.shape)}")
+        raise ValueError(f"attention_mask must be 2D, 3D or 4D, got shape {tuple(attention_mask.shape)}")
     if kv_len < q_len:
         raise ValueError(
             f"attention_mask must cover the {q_len} new positions, got shape {tuple(attention_mask.shape)}"
