@@ -200,8 +200,21 @@ def test_eval_reports_perplexity_on_a_text_file(checkpoint, tmp_path, capsys):
     assert code == 0, err
     assert "over 189 predicted tokens in 3 window(s) of 64" in out
     ppl = float(out.split()[1])
-    # a random model over a vocabulary of V tokens scores about V; never below 1
-    assert 1.0 < ppl < 10 * TINY["vocab_size"] * 10
+    # the same number from first principles: each 64-token window scored alone, mean next-token NLL
+    from transformers import AutoTokenizer
+
+    from swaa.convert.evaluate import tokenize_text
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    ids = tokenize_text(AutoTokenizer.from_pretrained(checkpoint), text.read_text(encoding="utf-8"))
+    nll = []
+    with torch.no_grad():
+        for w in range(3):
+            chunk = ids[w * 64 : (w + 1) * 64].unsqueeze(0)
+            logits = model(chunk).logits[0, :-1].float()
+            nll.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="none"))
+    expected = torch.cat(nll).mean().exp().item()
+    assert ppl == pytest.approx(expected, rel=1e-3)
 
     code, _, err = run(capsys, "eval", checkpoint, "--text", tmp_path / "missing.txt")
     assert_one_line_error(code, err, "--text", "missing.txt")
