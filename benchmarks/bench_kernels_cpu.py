@@ -21,10 +21,10 @@ import os
 import platform
 import statistics
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
+from common import pkg_version
 
 from swaa.kernels import gla, linear_attn, naive_gla, naive_linear_attn
 
@@ -32,13 +32,6 @@ B, H, K, V = 1, 8, 64, 64
 # the fastest run of each median_ms call, kept for the JSON: on a shared machine the median can
 # catch other processes' bursts, the minimum shows the code's own cost
 MINIMA = []
-
-
-def pkg_version(name):
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def cpu_name():

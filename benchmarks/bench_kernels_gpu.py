@@ -28,10 +28,10 @@ import os
 import subprocess
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
 import torch.nn.functional as F
+from common import pkg_version, progress, rel
 
 from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
 from swaa.kernels.fla_adapter import fla_version
@@ -42,26 +42,6 @@ H, D = 16, 128
 TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
 # the timed dtype; --fp32-checks adds float32 (each dtype costs FLA minutes of autotuning on a fresh machine)
 CHECK_DTYPES = [torch.bfloat16]
-
-
-def pkg_version(name):
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-_T0 = time.perf_counter()
-
-
-def progress(msg):
-    """One timestamped line as each step ends: a run cut off by a time limit still shows where it was."""
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def gpu_ms(fn):

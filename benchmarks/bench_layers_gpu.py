@@ -26,9 +26,9 @@ import argparse
 import json
 import statistics
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from common import pkg_version, progress, rel
 from transformers import DynamicCache
 
 from swaa.kernels import fla_available
@@ -37,26 +37,6 @@ from swaa.layers import GatedLinearAttention
 HIDDEN, H, D, B, T = 2048, 16, 128, 2, 4096
 TOL = 2e-2
 FLA_REFERENCE_MS = 1.79  # FLA's layer forward, H200, as given in issue 4
-
-
-def pkg_version(name):
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-_T0 = time.perf_counter()
-
-
-def progress(msg):
-    """One timestamped line as each step ends: a run cut off by a time limit still shows where it was."""
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def gpu_ms(fn, warmup=10, reps=50):
