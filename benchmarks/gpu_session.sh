@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_session.sh kernels:240 layers:200 tests:120 hybrid:400
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.tcache
+# TRITON_CACHE_AUTOTUNING=1: Triton also keeps the autotune winners in its cache, so FLA's kernels are
+# benchmarked once per shape and machine type, not once per process
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.tcache TRITON_CACHE_AUTOTUNING=1
 mkdir -p "${OUT:=/tmp/out}"
 # a cache carried back from an earlier session, as split parts of one tgz
 if [ ! -d .tcache ] && ls .tcache_parts/tcache.tgz.part-* >/dev/null 2>&1; then cat .tcache_parts/tcache.tgz.part-* | tar xzf -; fi
@@ -18,7 +20,8 @@ for step in "$@"; do
     kernels) cmd=(python3 benchmarks/bench_kernels_gpu.py --no-tests --out "$OUT/kernels_gpu_$dev.json") ;;
     layers) cmd=(python3 benchmarks/bench_layers_gpu.py --out "$OUT/layers_gpu_$dev.json") ;;
     hybrid) cmd=(python3 benchmarks/bench_hybrid_gpu.py --out "$OUT/hybrid_gpu_$dev.json") ;;
-    tests) cmd=(python3 -m pytest -q -m gpu --durations=10 tests/test_layers_gpu.py tests/test_kernels_gpu.py -k "not fp32 and not fp16") ;;
+    # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
+    tests) cmd=(python3 -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py) ;;
     *) echo "unknown step $name"; continue ;;
   esac
   # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time
@@ -29,5 +32,5 @@ for step in "$@"; do
   tail -n 40 "$OUT/$name.log"
 done
 # at most 8 files come back: logs and JSON travel as one tarball, the cache as 15 MB parts
-(cd "$OUT" && tar czf results.tgz --remove-files ./*.log ./*.json 2>/dev/null)
+(cd "$OUT" && tar czf results.tgz --remove-files ./*.log ./*.json ./*.xml 2>/dev/null)
 tar czf /tmp/tcache.tgz -C "$PWD" .tcache && split -b 15m /tmp/tcache.tgz "$OUT/tcache.tgz.part-"; ls -la "$OUT"
