@@ -21,7 +21,9 @@ for step in "$@"; do
     layers) cmd=(python3 benchmarks/bench_layers_gpu.py --out "$OUT/layers_gpu_$dev.json") ;;
     hybrid) cmd=(python3 benchmarks/bench_hybrid_gpu.py --out "$OUT/hybrid_gpu_$dev.json") ;;
     # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
-    tests) cmd=(python3 -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py) ;;
+    # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
+    # (every config computes the same thing) and the winners are not written to the shared cache
+    tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py) ;;
     *) echo "unknown step $name"; continue ;;
   esac
   # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time
