@@ -1,6 +1,8 @@
 """LinearAttention and GatedLinearAttention on their own: construction from the configs of the families
 they replace, options, padding, cache round trips, gradients, compile and dtypes (CPU, torch kernels)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -371,3 +373,27 @@ def test_bf16_activations_keep_a_float32_state(cls):
     assert step.dtype == torch.bfloat16
     expected, _ = ref(x, position_embeddings=rope(2, 9, dtype=torch.float32))
     torch.testing.assert_close(out.float(), expected, rtol=5e-2, atol=5e-2)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
+def test_bf16_gradients_of_softmax_feature_maps_stay_close_to_float64(feature_map):
+    # softmax's backward subtracts nearly equal parts of the features' gradient; when the kernel ran in
+    # bf16 and handed that gradient back rounded, the keys' gradient was 2.6e-2 off float64 (vs ~1e-2)
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    layer = LinearAttention(config, 0, feature_map=feature_map).bfloat16()
+    ref = copy.deepcopy(layer).double()
+    x = torch.randn(2, 300, 256).bfloat16()
+    grads = []
+    for lay, dtype in ((layer, torch.bfloat16), (ref, torch.float64)):
+        xi = x.to(dtype).clone().requires_grad_()
+        out, _ = lay(xi, position_embeddings=rope(2, 300, D=64, dtype=dtype))
+        (out * torch.linspace(-1, 1, 256, dtype=dtype)).sum().backward()
+        grads.append({"x": xi.grad, **{n: p.grad for n, p in lay.named_parameters()}})
+    for name, g64 in grads[1].items():
+        assert _rel(grads[0][name], g64) < 1.6e-2, name

@@ -467,6 +467,9 @@ class RecurrentAttentionBase(nn.Module):
                 g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
         k, v, g = self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
+        if v.dtype != q.dtype:
+            # softmax-type feature maps return float32 for half activations: the kernel runs in float32
+            v = v.to(q.dtype)
         o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
         if cache is not None:
             cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
