@@ -19,7 +19,8 @@ for step in "$@"; do
   case $name in
     kernels) cmd=(python3 benchmarks/bench_kernels_gpu.py --no-tests --out "$OUT/kernels_gpu_$dev.json") ;;
     layers) cmd=(python3 benchmarks/bench_layers_gpu.py --out "$OUT/layers_gpu_$dev.json") ;;
-    hybrid) cmd=(python3 benchmarks/bench_hybrid_gpu.py --out "$OUT/hybrid_gpu_$dev.json") ;;
+    # HYBRID_ARGS: extra arguments, e.g. HYBRID_ARGS="--contexts 1024 --variants sdpa_flash,hybrid"
+    hybrid) cmd=(python3 benchmarks/bench_hybrid_gpu.py --out "$OUT/hybrid_gpu_$dev.json" ${HYBRID_ARGS:-}) ;;
     # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
     # (every config computes the same thing) and the winners are not written to the shared cache
