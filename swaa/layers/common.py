@@ -134,7 +134,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_float32: bool = False) -> torch.Tensor:
+        """Normalise ``x``; with ``keep_float32`` a half ``x`` comes back in float32, never rounded."""
+        if keep_float32 and x.dtype in (torch.float16, torch.bfloat16):
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
         if x.is_cuda and x.dtype == self.weight.dtype:
             # torch's fused kernel on CUDA: one launch instead of eight, which is what a decode step,
             # bound by launches, pays for. Float32 inside for half inputs, rounded once after the weight
@@ -268,10 +271,11 @@ def _ensure_cache_patch():
         _CACHE_PATCHED = True
 
 
-_FLAG_OPTIONS = ("use_rope", "output_norm", "output_gate", "normalize")
+_FLAG_OPTIONS = ("use_rope", "output_norm", "output_gate", "normalize", "float32_qk")
 
 _SHARED_DEFAULTS = {
     "backend": "auto",
+    "float32_qk": False,
     "use_rope": True,
     "scale": None,
     "output_norm": False,
@@ -383,7 +387,9 @@ class RecurrentAttentionBase(nn.Module):
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         if self.shape.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm(q, self.float32_qk), self.k_norm(k, self.float32_qk)
+        elif self.float32_qk and q.dtype in (torch.float16, torch.bfloat16):
+            q, k = q.float(), k.float()
         return q, k, v
 
     def _expand_kv(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -471,8 +477,10 @@ class RecurrentAttentionBase(nn.Module):
 
         k, v, g = self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
         if v.dtype != q.dtype:
-            # softmax-type feature maps return float32 for half activations: the kernel runs in float32
+            # float32_qk, or a softmax-type feature map, made q and k float32 for half activations: the
+            # kernel runs in float32 and hands float32 gradients back to the norms and maps
             v = v.to(q.dtype)
+            g = g.to(q.dtype) if g is not None else None
         o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
         if cache is not None:
             cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
