@@ -221,3 +221,44 @@ def test_native_linear_attention_cache_layers_hold_the_state():
         logits += [call(model, ids[:, t : t + 1], cache).logits for t in range(5, 8)]
     assert cache.get_seq_length() == 8
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("kind", ["gla", "linear"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_sequences_stay_apart(family, kind, attn):
+    # DataCollatorWithFlattening packs sequences into one row with restarting position_ids; transformers
+    # keeps them apart in its softmax layers, and a linear layer must not carry state across them
+    model = tiny(family, [0, 2], kind, attn=attn)
+    lengths = [5, 9, 3]
+    seqs = [ids_for(1, n, seed=s) for s, n in enumerate(lengths, start=3)]
+    packed = torch.cat(seqs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        logits = model(packed, position_ids=position_ids, use_cache=False).logits
+        alone = [model(s, use_cache=False).logits for s in seqs]
+    # (float32 RoPE tables in transformers: ~3e-8 apart even in float64; a leak across sequences is O(0.1))
+    torch.testing.assert_close(logits, torch.cat(alone, dim=1), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_rows_of_a_batch_and_flash_style_cu_seq_lens():
+    # two rows each packing two sequences, and the same tokens as one row with FlashAttention's
+    # cu_seq_lens_q keyword (as DataCollatorWithFlattening(return_flash_attn_kwargs=True) passes it)
+    layer = GatedLinearAttention(
+        layer_idx=0, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8
+    ).double()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    out, _ = layer(x, position_ids=position_ids)
+    pieces = [(0, 0, 4), (0, 4, 10), (1, 0, 7), (1, 7, 10)]
+    for row, a, b in pieces:
+        alone, _ = layer(x[row : row + 1, a:b])
+        torch.testing.assert_close(out[row : row + 1, a:b], alone, rtol=1e-10, atol=1e-12)
+    flat = x.reshape(1, 20, 32)
+    cu = torch.tensor([0, 4, 10, 17, 20])
+    out_cu, _ = layer(flat, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7, max_length_k=7)
+    torch.testing.assert_close(out_cu.reshape(2, 10, 32), out, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="cache"):
+        layer(flat, cu_seq_lens_q=cu, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="batch size 1"):
+        layer(x, cu_seq_lens_q=cu)

@@ -168,6 +168,28 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return torch.addcmul(q * cos, q.roll(half, -1), sin), torch.addcmul(k * cos, k.roll(half, -1), sin)
 
 
+def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int, q_len: int) -> torch.Tensor | None:
+    """Boundaries of sequences packed along the time axis, read from ``position_ids`` as transformers
+    reads them for its softmax layers: a position that does not follow its predecessor by exactly 1
+    starts a new sequence (and so does every row).
+
+    Args:
+        position_ids (torch.Tensor): ``[B, T]`` or ``[1, T]``.
+        batch_size, q_len (int): B and T of the hidden states.
+
+    Returns:
+        ``cu_seqlens`` ``[N + 1]`` (int64) over the ``B * T`` tokens flattened row after row, or None when
+        each row holds one sequence. Reading the values costs one device sync.
+    """
+    pos = position_ids.expand(batch_size, q_len) if position_ids.shape[0] != batch_size else position_ids
+    starts = torch.ones(batch_size, q_len, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    first = starts.flatten().nonzero().flatten()
+    return torch.cat([first, first.new_tensor([batch_size * q_len])])
+
+
 def tokens_to_keep(attention_mask, q_len: int, offset) -> torch.Tensor | None:
     """Which of the ``q_len`` new positions are real tokens (True) rather than padding (False).
 
@@ -378,7 +400,7 @@ class RecurrentAttentionBase(nn.Module):
         """Log-space decay ``[B, T, Hk, Dk]`` (<= 0) from the input and the pre-RoPE keys, or None."""
         return None
 
-    def _mix(self, q, k, v, g, initial_state, output_final_state):
+    def _mix(self, q, k, v, g, initial_state, output_final_state, cu_seqlens=None):
         raise NotImplementedError
 
     def _heads(self, hidden_states: torch.Tensor):
@@ -475,19 +497,47 @@ class RecurrentAttentionBase(nn.Module):
             if g is not None:
                 g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
+        cu_seqlens = self._packed_sequences(kwargs, cache, B, T)
         k, v, g = self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
         if v.dtype != q.dtype:
             # float32_qk, or a softmax-type feature map, made q and k float32 for half activations: the
             # kernel runs in float32 and hands float32 gradients back to the norms and maps
             v = v.to(q.dtype)
             g = g.to(q.dtype) if g is not None else None
-        o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
+        if cu_seqlens is None:
+            o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
+        else:
+            # packed sequences: one row of B*T tokens, each sequence starting from a zero state
+            flat = [x.reshape(1, B * T, *x.shape[2:]) if x is not None else None for x in (q, k, v, g)]
+            o, final_state = self._mix(*flat, None, output_final_state=False, cu_seqlens=cu_seqlens)
+            o = o.reshape(B, T, *o.shape[2:])
         if cache is not None:
             cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
 
         gate = self.g_proj(hidden_states).view_as(o) if self.output_gate else None
         o = self._output_norm_and_gate(o, gate)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).to(hidden_states.dtype)), None
+
+    def _packed_sequences(self, kwargs: dict, cache, batch_size: int, q_len: int) -> torch.Tensor | None:
+        """``cu_seqlens`` when several sequences are packed into the time axis, else None.
+
+        Read as transformers' softmax layers read it, so a packed batch (``DataCollatorWithFlattening``)
+        keeps its sequences apart here too: FlashAttention's ``cu_seq_lens_q`` keyword when the host
+        passes it, else restarting ``position_ids`` when no cache is given (transformers builds its
+        block-diagonal mask from them under the same condition; with a cache, as in generate, positions
+        of left padding restart too and are not packing).
+        """
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is not None:
+            if cache is not None:
+                raise ValueError("packed sequences (cu_seq_lens_q) cannot be used with a cache")
+            if batch_size != 1:
+                raise ValueError(f"cu_seq_lens_q needs batch size 1 (packed in one row), got {batch_size}")
+            return cu.long()
+        position_ids = kwargs.get("position_ids")
+        if cache is not None or position_ids is None or q_len == 1:
+            return None
+        return packed_cu_seqlens(position_ids, batch_size, q_len)
 
     def _output_norm_and_gate(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """``o_norm(o) * swish(gate)`` per head (each part optional); o and gate ``[B, T, H, V]``."""

@@ -108,7 +108,7 @@ class GatedLinearAttention(RecurrentAttentionBase):
         # in the activation dtype, as FLA's layer does: the kernels accumulate gates in float32
         return F.logsigmoid(logits) / self.gate_logit_normalizer
 
-    def _mix(self, q, k, v, g, initial_state, output_final_state):
+    def _mix(self, q, k, v, g, initial_state, output_final_state, cu_seqlens=None):
         return kernels.gla(
             q,
             k,
@@ -117,5 +117,6 @@ class GatedLinearAttention(RecurrentAttentionBase):
             scale=self.scale,
             initial_state=initial_state,
             output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
             backend=self.backend,
         )

@@ -72,7 +72,7 @@ class LinearAttention(RecurrentAttentionBase):
 
     _OPTIONS = {"feature_map": "softmax", "normalize": True}
 
-    def _mix(self, q, k, v, g, initial_state, output_final_state):
+    def _mix(self, q, k, v, g, initial_state, output_final_state, cu_seqlens=None):
         return kernels.linear_attn(
             q,
             k,
@@ -81,5 +81,6 @@ class LinearAttention(RecurrentAttentionBase):
             initial_state=initial_state,
             output_final_state=output_final_state,
             normalize=self.normalize,
+            cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
