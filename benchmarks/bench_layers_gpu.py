@@ -23,7 +23,6 @@ The JSON holds the device, versions, shapes and every median; the table is print
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -137,10 +136,7 @@ def build():
         .bfloat16()
         for fm in ("softmax", "elu")
     }
-    # the same converted layer with q/k kept in float32 from the norms on (float32 kernel)
-    converted_fp32qk = copy.deepcopy(converted)
-    converted_fp32qk.float32_qk = True
-    return fla, matched, converted, converted_fp32qk, linear
+    return fla, matched, converted, linear
 
 
 def main():
@@ -159,7 +155,7 @@ def main():
         "fla": pkg_version("fla-core"),
         "shape": dict(hidden=HIDDEN, heads=H, head_dim=D, batch=B, seq=T, dtype="bfloat16"),
     }
-    fla, matched, converted, converted_fp32qk, linear = build()
+    fla, matched, converted, linear = build()
     x = torch.randn(B, T, HIDDEN, device="cuda", dtype=torch.bfloat16)
     pe = rope(B, T)
 
@@ -190,7 +186,6 @@ def main():
         ("fla.layers.GatedLinearAttention", fla, {}),
         ("swaa GLA, FLA-matched", matched, {}),
         ("swaa GLA, converted-Qwen3 defaults", converted, {"position_embeddings": pe}),
-        ("swaa GLA, converted-Qwen3, float32_qk", converted_fp32qk, {"position_embeddings": pe}),
         ("swaa LinearAttention softmax (fp32 kernel)", linear["softmax"], {"position_embeddings": pe}),
         ("swaa LinearAttention elu (bf16 kernel)", linear["elu"], {"position_embeddings": pe}),
     ]
@@ -231,9 +226,8 @@ def main():
             (layers[1][0], matched, "auto", {}),
             (layers[1][0], matched, "fla", {}),
             (layers[2][0], converted, "auto", {"position_embeddings": rope(B, 1, T)}),
-            (layers[3][0], converted_fp32qk, "auto", {"position_embeddings": rope(B, 1, T)}),
-            (layers[4][0], linear["softmax"], "auto", {"position_embeddings": rope(B, 1, T)}),
-            (layers[5][0], linear["elu"], "auto", {"position_embeddings": rope(B, 1, T)}),
+            (layers[3][0], linear["softmax"], "auto", {"position_embeddings": rope(B, 1, T)}),
+            (layers[4][0], linear["elu"], "auto", {"position_embeddings": rope(B, 1, T)}),
         ]:
             layer.backend = backend
             cache = DynamicCache()

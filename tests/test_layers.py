@@ -380,25 +380,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize(
-    "cls, opts",
-    [
-        pytest.param(LinearAttention, dict(feature_map="softmax"), id="linear-softmax"),
-        pytest.param(LinearAttention, dict(feature_map="hedgehog"), id="linear-hedgehog"),
-        pytest.param(GatedLinearAttention, dict(float32_qk=True), id="gla-float32_qk"),
-        pytest.param(
-            GatedLinearAttention, dict(float32_qk=True, gate="from_keys"), id="gla-fromkeys-float32_qk"
-        ),
-    ],
-)
-def test_bf16_gradients_stay_close_to_float64(cls, opts):
-    # backwards that subtract nearly equal parts of a gradient (softmax's, RMSNorm's) multiply the error of
-    # a gradient the kernel handed back rounded to bf16: the keys' gradient was 2.6e-2 off float64 for
-    # softmax features and 5.3e-2 for Qwen3's q/k norms under GLA; float32 from the norm on keeps them
-    # near the ~1e-2 of Qwen3's own softmax attention in bf16
+@pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
+def test_bf16_gradients_of_softmax_feature_maps_stay_close_to_float64(feature_map):
+    # softmax's backward subtracts nearly equal parts of the features' gradient; when the kernel ran in
+    # bf16 and handed that gradient back rounded, the worst gradient here was 2.7e-2 (hedgehog) to 3.7e-2
+    # (softmax) off float64; with float32 features ~1.5e-2
     torch.manual_seed(0)
     config = Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    layer = cls(config, 0, **opts).bfloat16()
+    layer = LinearAttention(config, 0, feature_map=feature_map).bfloat16()
     ref = copy.deepcopy(layer).double()
     x = torch.randn(2, 300, 256).bfloat16()
     grads = []
@@ -413,4 +402,4 @@ def test_bf16_gradients_stay_close_to_float64(cls, opts):
         (out * torch.linspace(-1, 1, 256, dtype=dtype)).sum().backward()
         grads.append({"x": xi.grad, **{n: p.grad for n, p in lay.named_parameters()}})
     for name, g64 in grads[1].items():
-        assert _rel(grads[0][name], g64) < 1.6e-2, name
+        assert _rel(grads[0][name], g64) < 2e-2, name

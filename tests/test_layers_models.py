@@ -262,3 +262,17 @@ def test_packed_rows_of_a_batch_and_flash_style_cu_seq_lens():
         layer(flat, cu_seq_lens_q=cu, past_key_values=DynamicCache())
     with pytest.raises(ValueError, match="batch size 1"):
         layer(x, cu_seq_lens_q=cu)
+
+
+def test_positions_that_repeat_or_are_3d_are_not_packing():
+    # a vision-language model's text positions repeat over image tokens inside one sequence, and some
+    # models pass 3D (multimodal RoPE) positions: neither splits the sequence, neither is an error
+    layer = GatedLinearAttention(
+        layer_idx=0, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8
+    ).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    whole, _ = layer(x)
+    repeated = torch.tensor([[0, 1, 2, 2, 2, 2, 3, 4, 5]]).expand(2, 9)
+    torch.testing.assert_close(layer(x, position_ids=repeated)[0], whole, rtol=0, atol=0)
+    three_d = torch.arange(9).expand(3, 2, 9)
+    torch.testing.assert_close(layer(x, position_ids=three_d)[0], whole, rtol=0, atol=0)

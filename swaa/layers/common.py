@@ -10,6 +10,7 @@ and the kernel call (``_mix``). Everything else, in the order a forward runs it,
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -134,10 +135,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, keep_float32: bool = False) -> torch.Tensor:
-        """Normalise ``x``; with ``keep_float32`` a half ``x`` comes back in float32, never rounded."""
-        if keep_float32 and x.dtype in (torch.float16, torch.bfloat16):
-            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and x.dtype == self.weight.dtype:
             # torch's fused kernel on CUDA: one launch instead of eight, which is what a decode step,
             # bound by launches, pays for. Float32 inside for half inputs, rounded once after the weight
@@ -169,25 +167,47 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int, q_len: int) -> torch.Tensor | None:
-    """Boundaries of sequences packed along the time axis, read from ``position_ids`` as transformers
-    reads them for its softmax layers: a position that does not follow its predecessor by exactly 1
-    starts a new sequence (and so does every row).
+    """Boundaries of sequences packed along the time axis: a position that falls back to 0 starts a new
+    sequence, as ``DataCollatorWithFlattening`` lays them out (and so does every row).
+
+    Only a restart at 0 counts, not any step other than +1 as transformers' own mask check reads it: a
+    vision-language model's text positions repeat over image tokens inside one sequence, and left padding
+    (positions ``1, 1, 0, 1, 2``) ends with a restart at the first real token, which is harmless here since
+    padded tokens are zeroed anyway.
 
     Args:
-        position_ids (torch.Tensor): ``[B, T]`` or ``[1, T]``.
+        position_ids (torch.Tensor): ``[B, T]`` or ``[1, T]``; anything else (the 3D positions of
+            multimodal RoPE) is not read, and None is returned.
         batch_size, q_len (int): B and T of the hidden states.
 
     Returns:
         ``cu_seqlens`` ``[N + 1]`` (int64) over the ``B * T`` tokens flattened row after row, or None when
-        each row holds one sequence. Reading the values costs one device sync.
+        each row holds one sequence. Reading the values costs one device sync, paid once per forward: the
+        answer is kept for the next layer that gets the same ``position_ids`` tensor.
     """
-    pos = position_ids.expand(batch_size, q_len) if position_ids.shape[0] != batch_size else position_ids
-    starts = torch.ones(batch_size, q_len, dtype=torch.bool, device=pos.device)
-    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
-    if not bool(starts[:, 1:].any()):
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[-1] != q_len
+        or position_ids.shape[0] not in (1, batch_size)
+    ):
         return None
-    first = starts.flatten().nonzero().flatten()
-    return torch.cat([first, first.new_tensor([batch_size * q_len])])
+    key = (position_ids._version, batch_size, q_len)
+    seen = _LAST_PACKING.get("entry")  # one tuple, replaced whole: safe to read while another thread writes
+    if seen is not None and seen[0]() is position_ids and seen[1] == key:
+        return seen[2]
+    pos = position_ids.expand(batch_size, q_len)
+    starts = torch.ones(batch_size, q_len, dtype=torch.bool, device=pos.device)
+    starts[:, 1:] = pos[:, 1:] == 0
+    value = None
+    if bool(starts[:, 1:].any()):
+        first = starts.flatten().nonzero().flatten()
+        value = torch.cat([first, first.new_tensor([batch_size * q_len])])
+    _LAST_PACKING["entry"] = (weakref.ref(position_ids), key, value)
+    return value
+
+
+# the last packing read: every layer of one forward gets the same position_ids tensor
+_LAST_PACKING: dict = {}
 
 
 def tokens_to_keep(attention_mask, q_len: int, offset) -> torch.Tensor | None:
@@ -293,11 +313,10 @@ def _ensure_cache_patch():
         _CACHE_PATCHED = True
 
 
-_FLAG_OPTIONS = ("use_rope", "output_norm", "output_gate", "normalize", "float32_qk")
+_FLAG_OPTIONS = ("use_rope", "output_norm", "output_gate", "normalize")
 
 _SHARED_DEFAULTS = {
     "backend": "auto",
-    "float32_qk": False,
     "use_rope": True,
     "scale": None,
     "output_norm": False,
@@ -409,9 +428,7 @@ class RecurrentAttentionBase(nn.Module):
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
         if self.shape.qk_norm:
-            q, k = self.q_norm(q, self.float32_qk), self.k_norm(k, self.float32_qk)
-        elif self.float32_qk and q.dtype in (torch.float16, torch.bfloat16):
-            q, k = q.float(), k.float()
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def _expand_kv(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -500,8 +517,8 @@ class RecurrentAttentionBase(nn.Module):
         cu_seqlens = self._packed_sequences(kwargs, cache, B, T)
         k, v, g = self._expand_kv(k), self._expand_kv(v), self._expand_kv(g)
         if v.dtype != q.dtype:
-            # float32_qk, or a softmax-type feature map, made q and k float32 for half activations: the
-            # kernel runs in float32 and hands float32 gradients back to the norms and maps
+            # softmax-type feature maps return float32 for half activations: the kernel runs in float32
+            # and hands float32 gradients back to the maps
             v = v.to(q.dtype)
             g = g.to(q.dtype) if g is not None else None
         if cu_seqlens is None:
@@ -523,9 +540,8 @@ class RecurrentAttentionBase(nn.Module):
 
         Read as transformers' softmax layers read it, so a packed batch (``DataCollatorWithFlattening``)
         keeps its sequences apart here too: FlashAttention's ``cu_seq_lens_q`` keyword when the host
-        passes it, else restarting ``position_ids`` when no cache is given (transformers builds its
-        block-diagonal mask from them under the same condition; with a cache, as in generate, positions
-        of left padding restart too and are not packing).
+        passes it, else ``position_ids`` falling back to 0 when no cache is given (transformers builds its
+        block-diagonal mask from them under the same condition; see :func:`packed_cu_seqlens`).
         """
         cu = kwargs.get("cu_seq_lens_q")
         if cu is not None:
@@ -535,7 +551,8 @@ class RecurrentAttentionBase(nn.Module):
                 raise ValueError(f"cu_seq_lens_q needs batch size 1 (packed in one row), got {batch_size}")
             return cu.long()
         position_ids = kwargs.get("position_ids")
-        if cache is not None or position_ids is None or q_len == 1:
+        if cache is not None or position_ids is None or q_len == 1 or torch.compiler.is_compiling():
+            # (under torch.compile the value-dependent check would break the graph; pass cu_seq_lens_q)
             return None
         return packed_cu_seqlens(position_ids, batch_size, q_len)
 

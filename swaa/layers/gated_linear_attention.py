@@ -29,7 +29,7 @@ class GatedLinearAttention(RecurrentAttentionBase):
 
     Args:
         config, layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, attention_bias, qkv_bias,
-        o_bias, qk_norm, rms_norm_eps, use_rope, scale, norm_eps, float32_qk, backend:
+        o_bias, qk_norm, rms_norm_eps, use_rope, scale, norm_eps, backend:
             As for :class:`swaa.layers.LinearAttention`.
         gate (str, Optional):
             How the log-decay ``g [B, T, Hk, K]`` is made:

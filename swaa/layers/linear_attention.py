@@ -53,15 +53,6 @@ class LinearAttention(RecurrentAttentionBase):
             normal init). Default: False (a new gate would change a converted model before training).
         norm_eps (float, Optional):
             Epsilon of ``o_norm``. Default: ``rms_norm_eps``.
-        float32_qk (bool, Optional):
-            For half activations, keep q and k in float32 from ``q_norm``/``k_norm`` (or the projections)
-            on, through RoPE, the feature map and the kernel, which then runs in float32. In bf16, backwards
-            that subtract nearly equal parts of a gradient (RMSNorm's, softmax's) multiply the rounding of
-            the gradient a bf16 kernel hands back: for a converted Qwen3 GLA layer the q/k/norm gradients
-            were 4.6e-2 to 5.3e-2 off float64 (Qwen3's own attention in bf16: ~1e-2), 1.2e-2 with this on
-            (CPU measurement, ``tests/test_layers.py``). Costs a float32 kernel (prefill speed not yet
-            measured on GPU). ``softmax``/``hedgehog`` feature maps always do this (their q and k leave
-            the map in float32; +4% on the layer's forward on an H100). Default: False.
         backend (str, Optional):
             ``auto`` (FLA on CUDA, torch elsewhere), ``torch`` or ``fla``; passed to the kernel.
             Default: ``auto``.
