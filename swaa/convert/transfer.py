@@ -1,0 +1,206 @@
+"""Attention transfer: fit each converted layer to the softmax attention it replaced, layer by layer.
+
+After :func:`swaa.convert.convert_to_hybrid`, a linear layer holds the pretrained q/k/v/o weights but
+computes something else than the softmax attention did. Attention transfer (the first stage of LoLCATs,
+Zhang et al., 2024) runs the original model over some text, records each replaced attention's input and
+output, and trains the linear layer that took its place to give the same output from the same input: a
+regression per layer, with the original's inputs (so the layers train independently and no error
+propagates from one to the next during training). It needs no labels and a few minutes of CPU for a
+small model; a fine-tune of the whole hybrid can follow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["PRETRAINED_PARTS", "attention_transfer"]
+
+# the parts of a converted layer copied from the softmax attention (the rest is new)
+PRETRAINED_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+TRAIN_CHOICES = ("all", "new")
+
+
+def _windows(input_ids, window: int, max_windows: int | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an int64/int32 tensor, got {type(input_ids).__name__}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
+        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+    if input_ids.dim() == 1:
+        if input_ids.numel() < window:
+            raise ValueError(f"input_ids: need at least window={window} tokens, got {input_ids.numel()}")
+        windows = input_ids[: input_ids.numel() // window * window].view(-1, window)
+    elif input_ids.dim() == 2:
+        windows = input_ids
+    else:
+        raise ValueError(f"input_ids must be [N] or [num_windows, T], got shape {tuple(input_ids.shape)}")
+    return windows[:max_windows] if max_windows is not None else windows
+
+
+def _check(teacher, student, steps, lr, train):
+    from swaa.convert.hybrid import hybrid_record
+    from swaa.layers import GatedLinearAttention, LinearAttention
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}")
+    record = hybrid_record(student.config)
+    if not record or not record["linear_layers"]:
+        raise ValueError("student must be a hybrid with converted layers (see swaa.convert_to_hybrid)")
+    indices = list(record["linear_layers"])
+    for name in ("num_hidden_layers", "hidden_size"):
+        t, s = getattr(teacher.config, name, None), getattr(student.config, name, None)
+        if t != s:
+            raise ValueError(f"teacher and student differ in {name}: {t} vs {s}")
+    for i in indices:
+        if isinstance(teacher.model.layers[i].self_attn, (LinearAttention, GatedLinearAttention)):
+            raise ValueError(
+                f"teacher layer {i} is already linear; the teacher must be the model before conversion"
+            )
+    return indices
+
+
+def _capture(teacher, windows, indices, progress):
+    """Each replaced attention's (hidden_states, position_embeddings) input and output, per window."""
+    from tqdm.auto import tqdm
+
+    records = {i: [] for i in indices}
+    hooks = []
+
+    for i in indices:
+
+        def before(module, args, kwargs, i=i):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            position = kwargs.get("position_embeddings")
+            records[i].append({"hidden_states": hidden.detach(), "position_embeddings": position})
+
+        def after(module, args, kwargs, output, i=i):
+            records[i][-1]["target"] = output[0].detach()
+
+        attention = teacher.model.layers[i].self_attn
+        hooks.append(attention.register_forward_pre_hook(before, with_kwargs=True))
+        hooks.append(attention.register_forward_hook(after, with_kwargs=True))
+    try:
+        device = next(teacher.parameters()).device
+        with torch.no_grad():
+            for w in tqdm(windows, desc="attention transfer: recording the original", disable=not progress):
+                teacher(w[None].to(device), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return records
+
+
+def _relative_error(layer, record) -> torch.Tensor:
+    out, _ = layer(record["hidden_states"], position_embeddings=record["position_embeddings"])
+    target = record["target"].float()
+    return (out.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+
+
+def attention_transfer(
+    teacher,
+    student,
+    input_ids: torch.Tensor,
+    window: int = 512,
+    max_windows: int | None = None,
+    steps: int = 300,
+    lr: float = 1e-3,
+    train: str = "all",
+    progress: bool = True,
+) -> dict:
+    """Train each converted layer of ``student`` to reproduce the attention output of ``teacher``.
+
+    For every layer index in the student's hybrid record, the teacher's attention at that index is run on
+    ``input_ids`` (split into windows, each from an empty context) and its input and output recorded;
+    the student's layer then takes ``steps`` AdamW steps (one window each, cycling) on the relative mean
+    squared error ``|out - target|^2 / |target|^2``. Only the converted layers' parameters change; the
+    rest of the student, and the teacher, are untouched.
+
+    Args:
+        teacher (PreTrainedModel): the model before conversion (same family and shape).
+        student (PreTrainedModel): the hybrid, e.g. ``convert_to_hybrid(copy.deepcopy(teacher), ...)``.
+        input_ids (torch.Tensor): a running text ``[N]`` (cut into windows of ``window`` tokens) or windows
+            ``[num_windows, T]``. Keep it apart from any text you evaluate on.
+        window (int): tokens per window for ``[N]`` input. Default: 512.
+        max_windows (int | None): use at most this many windows. Default: None (all).
+        steps (int): optimizer steps per layer. Default: 300.
+        lr (float): AdamW learning rate (no weight decay). Default: 1e-3.
+        train (str): ``"all"`` parameters of each converted layer, or only the ``"new"`` ones (gates,
+            feature maps, output norm and gate: what was not copied from the softmax attention,
+            see ``PRETRAINED_PARTS``). Default: ``"all"``.
+        progress (bool): show progress bars. Default: True.
+
+    Returns:
+        dict: ``layers``: ``{index: {"before": e0, "after": e1, "restored": bool}}``, the relative error
+        over all windows before and after training; a layer that did not improve gets its parameters back
+        (``restored``), so none ends further from the original than it started; ``windows``; ``steps``.
+
+    Memory: the recorded inputs and outputs of every converted layer for every window are kept
+    (``2 * windows * layers * T * hidden`` values in the model's dtype).
+    """
+    from tqdm.auto import tqdm
+
+    indices = _check(teacher, student, steps, lr, train)
+    windows = _windows(input_ids, window, max_windows)
+    trained_names = {}
+    for i in indices:
+        names = [n for n, _ in student.model.layers[i].self_attn.named_parameters()]
+        trained_names[i] = [n for n in names if train == "all" or n.split(".")[0] not in PRETRAINED_PARTS]
+        if not trained_names[i]:
+            options = student.model.layers[i].self_attn.options
+            raise ValueError(
+                f"train='new' but layer {i} has no new parameters (options {options}); use train='all'"
+            )
+    records = _capture(teacher, windows, indices, progress)
+    report = {"layers": {}, "windows": len(windows), "steps": steps}
+    for i in indices:
+        layer = student.model.layers[i].self_attn
+        device = next(layer.parameters()).device
+        for record in records[i]:
+            for key in ("hidden_states", "target"):
+                record[key] = record[key].to(device)
+            if record["position_embeddings"] is not None:
+                record["position_embeddings"] = tuple(t.to(device) for t in record["position_embeddings"])
+        trained = trained_names[i]
+        flags = {n: p.requires_grad for n, p in layer.named_parameters()}
+        was_training = layer.training
+        try:
+            for n, p in layer.named_parameters():
+                p.requires_grad_(n in trained)
+            with torch.no_grad():
+                before = sum(_relative_error(layer, r).item() for r in records[i]) / len(records[i])
+                start = {n: p.detach().clone() for n, p in layer.named_parameters() if n in trained}
+            optimizer = torch.optim.AdamW(
+                [p for n, p in layer.named_parameters() if n in trained], lr=lr, weight_decay=0.0
+            )
+            layer.train()
+            for step in tqdm(range(steps), desc=f"attention transfer: layer {i}", disable=not progress):
+                loss = _relative_error(layer, records[i][step % len(records[i])])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            layer.eval()
+            with torch.no_grad():
+                after = sum(_relative_error(layer, r).item() for r in records[i]) / len(records[i])
+                # never leave a layer further from the original than it started (a too-large lr)
+                restored = not after < before
+                if restored:
+                    for n, p in layer.named_parameters():
+                        if n in start:
+                            p.copy_(start[n])
+        finally:
+            for n, p in layer.named_parameters():
+                p.requires_grad_(flags[n])
+                p.grad = None
+            layer.train(was_training)
+        report["layers"][i] = {"before": before, "after": after, "restored": restored}
+        records[i] = None  # free the recording of a finished layer
+    return report

@@ -1,0 +1,136 @@
+"""attention_transfer on tiny random models: each converted layer moves toward the softmax attention it
+replaced, nothing else changes, and bad calls are refused before anything changes (CPU)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import swaa
+from swaa.convert import attention_transfer, convert_to_hybrid
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=97,
+    max_position_embeddings=512,
+)
+
+
+def pair(family="qwen3", layers=(1,), kind="gla", **options):
+    torch.manual_seed(0)
+    if family == "qwen3":
+        teacher = Qwen3ForCausalLM(Qwen3Config(**TINY))
+    else:
+        teacher = LlamaForCausalLM(LlamaConfig(**TINY))
+    teacher = teacher.eval()
+    student = convert_to_hybrid(copy.deepcopy(teacher), list(layers), kind=kind, **options)
+    return teacher, student
+
+
+def text(n=256, seed=1):
+    return torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_converted_layers_move_toward_the_original_and_nothing_else_changes(family):
+    teacher, student = pair(family, layers=(0, 2))
+    t0, s0 = snapshot(teacher), snapshot(student)
+    report = attention_transfer(teacher, student, text(), window=32, steps=40, lr=3e-3, progress=False)
+    assert report["windows"] == 8 and report["steps"] == 40 and sorted(report["layers"]) == [0, 2]
+    for i, errors in report["layers"].items():
+        # the untrained GLA layer is far off (its state is an unnormalised sum): 300-600x the target's size
+        assert errors["after"] < 0.05 * errors["before"] and not errors["restored"], (i, errors)
+    for n, p in teacher.named_parameters():
+        assert torch.equal(p, t0[n]), n
+    changed = {n for n, p in student.named_parameters() if not torch.equal(p, s0[n])}
+    assert changed and all(
+        n.startswith(("model.layers.0.self_attn.", "model.layers.2.self_attn.")) for n in changed
+    )
+    # gradients cleared, flags and eval mode as they were
+    assert all(p.grad is None and p.requires_grad for p in student.parameters())
+    assert not student.training
+
+
+def test_a_layer_that_gets_worse_gets_its_parameters_back():
+    # a random tiny Llama attends almost uniformly, which softmax-feature linear attention already matches
+    # (relative error ~1e-6); a large learning rate only moves it away
+    teacher, student = pair("llama", layers=(0, 2), kind="linear")
+    s0 = snapshot(student)
+    report = attention_transfer(teacher, student, text(), window=32, steps=20, lr=3e-2, progress=False)
+    for errors in report["layers"].values():
+        assert errors["restored"] and errors["after"] >= errors["before"]
+    assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
+
+
+def test_train_new_keeps_the_pretrained_projections():
+    teacher, student = pair(layers=(1,))
+    s0 = snapshot(student)
+    report = attention_transfer(teacher, student, text(), window=32, steps=20, train="new", progress=False)
+    assert report["layers"][1]["after"] < report["layers"][1]["before"]
+    attn = "model.layers.1.self_attn."
+    for part in swaa.convert.transfer.PRETRAINED_PARTS:
+        for n, p in student.named_parameters():
+            if n.startswith(attn + part + "."):
+                assert torch.equal(p, s0[n]), n
+    assert not torch.equal(student.model.layers[1].self_attn.gk_proj[1].bias, s0[attn + "gk_proj.1.bias"])
+
+
+def test_the_trained_hybrid_still_generates_with_and_without_cache():
+    teacher, student = pair(layers=(0, 1, 2))
+    attention_transfer(teacher, student, text(), window=32, steps=10, progress=False)
+    prompt = text(7, seed=5)[None]
+    with torch.no_grad():
+        a = student.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        b = student.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, words",
+    [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), ValueError, "steps"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+        (dict(train="some"), ValueError, "train"),
+        (dict(window=1), ValueError, "window"),
+        (dict(max_windows=0), ValueError, "max_windows"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_changes(kwargs, err, words):
+    teacher, student = pair()
+    s0 = snapshot(student)
+    with pytest.raises(err, match=words):
+        attention_transfer(teacher, student, text(), **{"window": 32, **kwargs}, progress=False)
+    assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
+
+
+def test_wrong_pairs_and_inputs_are_refused():
+    teacher, student = pair()
+    with pytest.raises(ValueError, match="hybrid"):
+        attention_transfer(teacher, copy.deepcopy(teacher), text(), progress=False)
+    with pytest.raises(ValueError, match="already linear"):
+        attention_transfer(student, student, text(), progress=False)
+    with pytest.raises(TypeError, match="input_ids"):
+        attention_transfer(teacher, student, text().float(), progress=False)
+    with pytest.raises(ValueError, match="at least"):
+        attention_transfer(teacher, student, text(10), window=32, progress=False)
+    other = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "num_hidden_layers": 4}))
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        attention_transfer(other, student, text(), progress=False)
+    # a layer with nothing new to train (gate from the keys, no output norm) and train="new"
+    teacher, student = pair(layers=(0, 1), gate="from_keys", output_norm=False)
+    s0 = snapshot(student)
+    with pytest.raises(ValueError, match="no new parameters"):
+        attention_transfer(teacher, student, text(), window=32, train="new", progress=False)
+    assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
