@@ -5,21 +5,13 @@ import copy
 
 import pytest
 import torch
+from test_convert import TINY as CONVERT_TINY
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import swaa
 from swaa.convert import attention_transfer, convert_to_hybrid
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    vocab_size=97,
-    max_position_embeddings=512,
-)
+TINY = {**CONVERT_TINY, "num_hidden_layers": 3}
 
 
 def pair(family="qwen3", layers=(1,), kind="gla", **options):
