@@ -64,6 +64,21 @@ def test_a_layer_that_gets_worse_gets_its_parameters_back():
     assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
 
 
+def test_windows_as_rows_or_as_a_running_text_train_alike_in_batches():
+    # the same two windows given as [2, T] rows or as one [2T] text, two windows per step: the same step
+    teacher, student = pair(layers=(1,))
+    twin = copy.deepcopy(student)
+    windows = text(64).view(2, 32)
+    attention_transfer(teacher, student, windows, steps=1, batch_size=2, progress=False)
+    attention_transfer(teacher, twin, windows.reshape(-1), window=32, steps=1, batch_size=2, progress=False)
+    for (n, a), b in zip(student.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+    report = attention_transfer(teacher, student, windows, steps=3, batch_size=3, progress=False)
+    assert report["batch_size"] == 3  # more than the windows: they repeat, cycling
+    with pytest.raises(ValueError, match="batch_size"):
+        attention_transfer(teacher, student, windows, batch_size=0, progress=False)
+
+
 def test_train_new_keeps_the_pretrained_projections():
     teacher, student = pair(layers=(1,))
     s0 = snapshot(student)

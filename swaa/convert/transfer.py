@@ -99,10 +99,19 @@ def _capture(teacher, windows, indices, progress):
     return records
 
 
-def _relative_error(layer, record) -> torch.Tensor:
-    out, _ = layer(record["hidden_states"], position_embeddings=record["position_embeddings"])
-    target = record["target"].float()
+def _relative_error(layer, records: list) -> torch.Tensor:
+    """|out - target|^2 / |target|^2 over one or more recorded windows, stacked as a batch."""
+    hidden = torch.cat([r["hidden_states"] for r in records])
+    position = records[0]["position_embeddings"]
+    if position is not None:
+        position = tuple(torch.cat([r["position_embeddings"][j] for r in records]) for j in range(2))
+    out, _ = layer(hidden, position_embeddings=position)
+    target = torch.cat([r["target"] for r in records]).float()
     return (out.float() - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-30)
+
+
+def _mean_error(layer, records: list) -> float:
+    return sum(_relative_error(layer, [r]).item() for r in records) / len(records)
 
 
 def attention_transfer(
@@ -114,13 +123,14 @@ def attention_transfer(
     steps: int = 300,
     lr: float = 1e-3,
     train: str = "all",
+    batch_size: int = 1,
     progress: bool = True,
 ) -> dict:
     """Train each converted layer of ``student`` to reproduce the attention output of ``teacher``.
 
     For every layer index in the student's hybrid record, the teacher's attention at that index is run on
     ``input_ids`` (split into windows, each from an empty context) and its input and output recorded;
-    the student's layer then takes ``steps`` AdamW steps (one window each, cycling) on the relative mean
+    the student's layer then takes ``steps`` AdamW steps (``batch_size`` windows each, cycling) on the relative mean
     squared error ``|out - target|^2 / |target|^2``. Only the converted layers' parameters change; the
     rest of the student, and the teacher, are untouched.
 
@@ -136,6 +146,7 @@ def attention_transfer(
         train (str): ``"all"`` parameters of each converted layer, or only the ``"new"`` ones (gates,
             feature maps, output norm and gate: what was not copied from the softmax attention,
             see ``PRETRAINED_PARTS``). Default: ``"all"``.
+        batch_size (int): windows per step (the windows must have one length). Default: 1.
         progress (bool): show progress bars. Default: True.
 
     Returns:
@@ -149,6 +160,8 @@ def attention_transfer(
     from tqdm.auto import tqdm
 
     indices = _check(teacher, student, steps, lr, train)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     windows = _windows(input_ids, window, max_windows)
     trained_names = {}
     for i in indices:
@@ -160,7 +173,7 @@ def attention_transfer(
                 f"train='new' but layer {i} has no new parameters (options {options}); use train='all'"
             )
     records = _capture(teacher, windows, indices, progress)
-    report = {"layers": {}, "windows": len(windows), "steps": steps}
+    report = {"layers": {}, "windows": len(windows), "steps": steps, "batch_size": batch_size}
     for i in indices:
         layer = student.model.layers[i].self_attn
         device = next(layer.parameters()).device
@@ -176,20 +189,23 @@ def attention_transfer(
             for n, p in layer.named_parameters():
                 p.requires_grad_(n in trained)
             with torch.no_grad():
-                before = sum(_relative_error(layer, r).item() for r in records[i]) / len(records[i])
+                before = _mean_error(layer, records[i])
                 start = {n: p.detach().clone() for n, p in layer.named_parameters() if n in trained}
             optimizer = torch.optim.AdamW(
                 [p for n, p in layer.named_parameters() if n in trained], lr=lr, weight_decay=0.0
             )
             layer.train()
             for step in tqdm(range(steps), desc=f"attention transfer: layer {i}", disable=not progress):
-                loss = _relative_error(layer, records[i][step % len(records[i])])
+                n = len(records[i])
+                loss = _relative_error(
+                    layer, [records[i][(step * batch_size + j) % n] for j in range(batch_size)]
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             layer.eval()
             with torch.no_grad():
-                after = sum(_relative_error(layer, r).item() for r in records[i]) / len(records[i])
+                after = _mean_error(layer, records[i])
                 # never leave a layer further from the original than it started (a too-large lr)
                 restored = not after < before
                 if restored:
