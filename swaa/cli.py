@@ -316,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
         "--transfer-text",
         metavar="FILE",
         help="after converting, fit each converted layer to the attention it replaced on this UTF-8 text "
-        "(attention transfer, windows of 512 tokens; default: no training)",
+        "(attention transfer, windows of 512 tokens, in the dtype the model loads in; default: no training)",
     )
     _add_transfer(p, 300, "attention transfer steps per converted layer (default: 300)")
     p.set_defaults(func=_cmd_convert)
