@@ -130,9 +130,9 @@ def attention_transfer(
 
     For every layer index in the student's hybrid record, the teacher's attention at that index is run on
     ``input_ids`` (split into windows, each from an empty context) and its input and output recorded;
-    the student's layer then takes ``steps`` AdamW steps (``batch_size`` windows each, cycling) on the relative mean
-    squared error ``|out - target|^2 / |target|^2``. Only the converted layers' parameters change; the
-    rest of the student, and the teacher, are untouched.
+    the student's layer then takes ``steps`` AdamW steps (``batch_size`` windows each, cycling) on the
+    relative mean squared error ``|out - target|^2 / |target|^2``. Only the converted layers' parameters
+    change; the rest of the student, and the teacher, are untouched.
 
     Args:
         teacher (PreTrainedModel): the model before conversion (same family and shape).
@@ -195,11 +195,10 @@ def attention_transfer(
                 [p for n, p in layer.named_parameters() if n in trained], lr=lr, weight_decay=0.0
             )
             layer.train()
+            count = len(records[i])
             for step in tqdm(range(steps), desc=f"attention transfer: layer {i}", disable=not progress):
-                n = len(records[i])
-                loss = _relative_error(
-                    layer, [records[i][(step * batch_size + j) % n] for j in range(batch_size)]
-                )
+                batch = [records[i][(step * batch_size + j) % count] for j in range(batch_size)]
+                loss = _relative_error(layer, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
