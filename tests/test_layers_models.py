@@ -276,3 +276,17 @@ def test_positions_that_repeat_or_are_3d_are_not_packing():
     torch.testing.assert_close(layer(x, position_ids=repeated)[0], whole, rtol=0, atol=0)
     three_d = torch.arange(9).expand(3, 2, 9)
     torch.testing.assert_close(layer(x, position_ids=three_d)[0], whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gla", "linear"])
+def test_inference_mode_without_a_cache(kind):
+    # inference tensors have no version counter: the packing check must not rely on one
+    model = tiny("qwen3", [0, 2], kind)
+    ids = ids_for(2, 9)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    with torch.inference_mode():
+        got = model(ids, use_cache=False).logits
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert generated.shape == (2, 12)

@@ -191,9 +191,10 @@ def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int, q_len: int) -
         or position_ids.shape[0] not in (1, batch_size)
     ):
         return None
-    key = (position_ids._version, batch_size, q_len)
+    # inference tensors keep no version counter, so they are read every time
+    key = None if position_ids.is_inference() else (position_ids._version, batch_size, q_len)
     seen = _LAST_PACKING.get("entry")  # one tuple, replaced whole: safe to read while another thread writes
-    if seen is not None and seen[0]() is position_ids and seen[1] == key:
+    if key is not None and seen is not None and seen[0]() is position_ids and seen[1] == key:
         return seen[2]
     pos = position_ids.expand(batch_size, q_len)
     starts = torch.ones(batch_size, q_len, dtype=torch.bool, device=pos.device)
@@ -202,7 +203,8 @@ def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int, q_len: int) -
     if bool(starts[:, 1:].any()):
         first = starts.flatten().nonzero().flatten()
         value = torch.cat([first, first.new_tensor([batch_size * q_len])])
-    _LAST_PACKING["entry"] = (weakref.ref(position_ids), key, value)
+    if key is not None:
+        _LAST_PACKING["entry"] = (weakref.ref(position_ids), key, value)
     return value
 
 
