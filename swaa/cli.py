@@ -73,22 +73,50 @@ def _precheck(source, linear_layers, kind) -> None:
     parse_linear_layers(linear_layers, config.num_hidden_layers)
 
 
-def _transfer_text(args) -> str | None:
-    """The text of --transfer-text, read and checked before any weights load."""
+TRANSFER_WINDOW = 512
+
+
+def _check_transfer_flags(args) -> None:
+    """--transfer-* values, refused before any weights load."""
+    from swaa.convert.transfer import check_transfer_options
+
+    try:
+        check_transfer_options(steps=args.transfer_steps, lr=args.transfer_lr)
+    except ValueError as err:
+        raise ValueError(f"--transfer-{err}") from None
+    if args.transfer_windows < 1:
+        raise ValueError(f"--transfer-windows must be >= 1, got {args.transfer_windows}")
+
+
+def _transfer_ids(args, source):
+    """Token windows for --transfer-text, read and checked before the weights load (None without it)."""
+    from swaa.convert.evaluate import tokenize_text
+    from swaa.convert.loading import load_tokenizer
+    from swaa.convert.transfer import split_windows
+    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS
+
+    flags = ("transfer_steps", "transfer_windows", "transfer_lr")
     if not args.transfer_text:
+        given = [f for f in flags if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --transfer-text")
         return None
+    for flag, default in zip(flags, (DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS, DEFAULT_TRANSFER_LR)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
+    _check_transfer_flags(args)
     path = Path(args.transfer_text).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"--transfer-text: no such file: {str(path)!r}")
-    for flag, value in (
-        ("--transfer-steps", args.transfer_steps),
-        ("--transfer-windows", args.transfer_windows),
-    ):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    if not args.transfer_lr > 0:
-        raise ValueError(f"--transfer-lr must be > 0, got {args.transfer_lr}")
-    return path.read_text(encoding="utf-8")
+    try:
+        tokenizer = load_tokenizer(source)
+    except OSError:
+        raise ValueError("--transfer-text needs the model's tokenizer, and SRC has none") from None
+    ids = tokenize_text(tokenizer, path.read_text(encoding="utf-8"))
+    try:
+        return split_windows(ids, TRANSFER_WINDOW, args.transfer_windows)
+    except ValueError as err:
+        raise ValueError(f"--transfer-text: {err}") from None
 
 
 def _cmd_convert(args) -> int:
@@ -103,19 +131,12 @@ def _cmd_convert(args) -> int:
     source = resolve_source(args.src)
     options = _options(args.option)
     _precheck(source, args.linear_layers, args.kind)
-    transfer_text = _transfer_text(args)
+    transfer_ids = _transfer_ids(args, source)
     model = load_model(source, dtype=_dtype(args.dtype))
     try:
         tokenizer = load_tokenizer(source)
     except OSError:
         tokenizer = None
-    transfer_ids = None
-    if transfer_text is not None:
-        from swaa.convert.evaluate import tokenize_text
-
-        if tokenizer is None:
-            raise ValueError("--transfer-text needs the model's tokenizer, and SRC has none")
-        transfer_ids = tokenize_text(tokenizer, transfer_text)
     # attention transfer learns from the model as it was before conversion (in the loaded dtype)
     teacher = copy.deepcopy(model) if transfer_ids is not None else None
     convert_to_hybrid(model, args.linear_layers, kind=args.kind, **options)
@@ -126,7 +147,6 @@ def _cmd_convert(args) -> int:
             teacher,
             model,
             transfer_ids,
-            max_windows=args.transfer_windows,
             steps=args.transfer_steps,
             lr=args.transfer_lr,
         )
@@ -255,21 +275,26 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _add_transfer(p, steps_default: int, steps_help: str) -> None:
-    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_WINDOWS
+def _add_transfer(p, with_defaults: bool, steps_help: str) -> None:
+    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS
 
-    p.add_argument("--transfer-steps", type=int, default=steps_default, metavar="N", help=steps_help)
+    def default(value):
+        return value if with_defaults else None
+
+    p.add_argument(
+        "--transfer-steps", type=int, default=default(DEFAULT_TRANSFER_STEPS), metavar="N", help=steps_help
+    )
     p.add_argument(
         "--transfer-windows",
         type=int,
-        default=DEFAULT_TRANSFER_WINDOWS,
+        default=default(DEFAULT_TRANSFER_WINDOWS),
         metavar="N",
         help=f"windows of text attention transfer learns from (default: {DEFAULT_TRANSFER_WINDOWS})",
     )
     p.add_argument(
         "--transfer-lr",
         type=float,
-        default=DEFAULT_TRANSFER_LR,
+        default=default(DEFAULT_TRANSFER_LR),
         metavar="LR",
         help=f"attention transfer learning rate (default: {DEFAULT_TRANSFER_LR:g})",
     )
@@ -318,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
         help="after converting, fit each converted layer to the attention it replaced on this UTF-8 text "
         "(attention transfer, windows of 512 tokens, in the dtype the model loads in; default: no training)",
     )
-    _add_transfer(p, 300, "attention transfer steps per converted layer (default: 300)")
+    _add_transfer(p, False, "attention transfer steps per converted layer (default: 300)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
@@ -385,7 +410,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_transfer(
         p,
-        DEFAULT_TRANSFER_STEPS,
+        True,
         f"attention transfer steps per converted layer, learning from the text after the scored windows; "
         f"0 skips it (default: {DEFAULT_TRANSFER_STEPS})",
     )

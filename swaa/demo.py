@@ -90,16 +90,38 @@ def run_demo(
     from swaa.convert import attention_transfer, convert_to_hybrid, hybrid_record
     from swaa.convert.evaluate import answer, cache_bytes, perplexity, tokenize_text
     from swaa.convert.loading import default_demo_source, load_model, load_tokenizer, resolve_source
+    from swaa.convert.transfer import check_transfer_options
 
     text_file = Path(text_path).expanduser() if text_path else default_text_path()
     if not text_file.is_file():
         raise FileNotFoundError(f"text: no such file: {str(text_file)!r}")
+    for name, value, least in (("window", window, 2), ("max_windows", max_windows, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if isinstance(transfer_steps, bool) or not isinstance(transfer_steps, int) or transfer_steps < 0:
+        raise ValueError(f"transfer_steps must be an int >= 0, got {transfer_steps!r}")
+    if transfer_steps:
+        check_transfer_options(steps=transfer_steps, lr=transfer_lr)
+        if (
+            isinstance(transfer_windows, bool)
+            or not isinstance(transfer_windows, int)
+            or transfer_windows < 1
+        ):
+            raise ValueError(f"transfer_windows must be a positive int, got {transfer_windows!r}")
     source = resolve_source(model) if model else default_demo_source()
+    tokenizer = load_tokenizer(source)
+    ids = tokenize_text(tokenizer, text_file.read_text(encoding="utf-8"))
+    # attention transfer learns from the text after the scored windows (checked before the weights load)
+    scored = window * max_windows
+    learn_ids = ids[scored:]
+    if transfer_steps and learn_ids.numel() < window:
+        raise ValueError(
+            f"text: attention transfer needs at least {window} tokens after the {scored} scored ones, "
+            f"got {learn_ids.numel()}; use a longer text, fewer --windows, or --transfer-steps 0"
+        )
     echo(f"swaa demo: loading {source}")
     start = time.perf_counter()
     net = load_model(source)
-    tokenizer = load_tokenizer(source)
-    ids = tokenize_text(tokenizer, text_file.read_text(encoding="utf-8"))
     echo(
         f"loaded {type(net).__name__} ({net.config.num_hidden_layers} layers, {net.dtype}) in {time.perf_counter() - start:.0f} s"
     )
@@ -120,17 +142,6 @@ def run_demo(
             "answer": reply,
             "layers": size.kinds,
         }
-
-    if isinstance(transfer_steps, bool) or not isinstance(transfer_steps, int) or transfer_steps < 0:
-        raise ValueError(f"transfer_steps must be an int >= 0, got {transfer_steps!r}")
-    # attention transfer learns from the text after the scored windows
-    scored = window * max_windows
-    learn_ids = ids[scored:]
-    if transfer_steps and learn_ids.numel() < window:
-        raise ValueError(
-            f"text: attention transfer needs at least {window} tokens after the {scored} scored ones, "
-            f"got {learn_ids.numel()}; use a longer text, fewer --windows, or --transfer-steps 0"
-        )
 
     rows["original"] = measure("original")
     teacher = copy.deepcopy(net) if transfer_steps else None
@@ -168,7 +179,11 @@ def run_demo(
             f"attention transfer: {tr['steps']} steps per layer on {tr['windows']} window(s) of {window} tokens "
             f"taken after the scored ones, {tr['seconds']:.0f} s; relative error of each layer's output "
             "before -> after: "
-            + ", ".join(f"{i}: {e['before']:.3g} -> {e['after']:.3g}" for i, e in tr["layers"].items())
+            + ", ".join(
+                f"{i}: {e['before']:.3g} -> {e['after']:.3g}"
+                + (" (no gain: kept as converted)" if e["restored"] else "")
+                for i, e in tr["layers"].items()
+            )
         )
     echo("")
     columns = [("original", o), ("hybrid, untrained", h)] + ([("hybrid, transferred", t)] if t else [])

@@ -287,11 +287,15 @@ def test_demo_with_attention_transfer_learns_after_the_scored_windows(checkpoint
     assert header.split() == ["original", "hybrid,", "untrained", "hybrid,", "transferred"]
     perplexities = next(line for line in out.splitlines() if line.startswith("perplexity ")).split()[1:]
     assert len(perplexities) == 3
-    # too little text after the scored windows: refused before anything is measured
+    # too little text after the scored windows, or a bad learning rate: refused before the weights load
     code, out, err = run(
         capsys, "demo", "--model", checkpoint, "--window", "32", "--windows", "9999", "--text", text,
     )  # fmt: skip
     assert_one_line_error(code, err, "attention transfer needs at least 32 tokens", "--transfer-steps 0")
+    assert "loading" not in out
+    code, out, err = run(capsys, "demo", "--model", checkpoint, "--transfer-lr", "0", "--text", text)
+    assert_one_line_error(code, err, "lr must be a positive number, got 0.0")
+    assert "loading" not in out
 
 
 def test_convert_with_attention_transfer_saves_the_trained_layers(checkpoint, tmp_path, capsys):
@@ -314,3 +318,15 @@ def test_convert_with_attention_transfer_saves_the_trained_layers(checkpoint, tm
     )  # fmt: skip
     assert_one_line_error(code, err, "--transfer-text: no such file")
     assert not (tmp_path / "x").exists()
+    short = tmp_path / "short.txt"
+    short.write_text("too short", encoding="utf-8")
+    for extra, words in (
+        (["--transfer-text", short], "--transfer-text: input_ids: need at least window=512 tokens"),
+        (["--transfer-text", text, "--transfer-lr", "inf"], "--transfer-lr must be a positive number"),
+        (["--transfer-lr", "0.1"], "--transfer-lr needs --transfer-text"),
+    ):
+        code, out, err = run(
+            capsys, "convert", checkpoint, tmp_path / "x", "--linear-layers", "last:1", *extra
+        )
+        assert_one_line_error(code, err, words)
+        assert not (tmp_path / "x").exists()

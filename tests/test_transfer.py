@@ -79,6 +79,47 @@ def test_windows_as_rows_or_as_a_running_text_train_alike_in_batches():
         attention_transfer(teacher, student, windows, batch_size=0, progress=False)
 
 
+def test_flags_gradients_and_modes_are_left_as_they_were():
+    teacher, student = pair(layers=(0, 1))
+    teacher.train()
+    student.train()
+    frozen = student.model.layers[0].self_attn.q_proj.weight
+    frozen.requires_grad_(False)
+    earlier = torch.full_like(student.model.layers[1].self_attn.o_proj.weight, 7.0)
+    student.model.layers[1].self_attn.o_proj.weight.grad = earlier
+    attention_transfer(teacher, student, text(), window=32, steps=5, progress=False)
+    assert teacher.training and student.training and student.model.layers[0].self_attn.training
+    assert not frozen.requires_grad
+    assert student.model.layers[1].self_attn.o_proj.weight.grad is earlier
+    assert all(p.requires_grad for n, p in student.named_parameters() if p is not frozen)
+
+
+def test_an_interrupted_call_puts_back_the_layer_it_was_training():
+    teacher, student = pair(layers=(0, 2))
+    s0 = snapshot(student)
+    calls = []
+
+    def interrupt(module, args, kwargs, output):
+        calls.append(1)
+        if len(calls) == 8 + 3:  # layer 0's 8 "before" windows, then 3 training steps
+            raise KeyboardInterrupt
+
+    hook = student.model.layers[0].self_attn.register_forward_hook(interrupt, with_kwargs=True)
+    with pytest.raises(KeyboardInterrupt):
+        attention_transfer(teacher, student, text(), window=32, steps=40, progress=False)
+    hook.remove()
+    assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
+    assert all(p.grad is None and p.requires_grad for p in student.parameters())
+
+
+def test_a_float32_teacher_teaches_a_bf16_student():
+    teacher, student = pair(layers=(1,))
+    student = student.to(torch.bfloat16)
+    report = attention_transfer(teacher, student, text(), window=32, steps=10, progress=False)
+    assert report["layers"][1]["after"] < report["layers"][1]["before"]
+    assert student.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
 def test_train_new_keeps_the_pretrained_projections():
     teacher, student = pair(layers=(1,))
     s0 = snapshot(student)
@@ -132,6 +173,8 @@ def test_wrong_pairs_and_inputs_are_refused():
         attention_transfer(teacher, student, text().float(), progress=False)
     with pytest.raises(ValueError, match="at least"):
         attention_transfer(teacher, student, text(10), window=32, progress=False)
+    with pytest.raises(ValueError, match="at least one window"):
+        attention_transfer(teacher, student, text(0).view(0, 32), progress=False)
     other = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "num_hidden_layers": 4}))
     with pytest.raises(ValueError, match="num_hidden_layers"):
         attention_transfer(other, student, text(), progress=False)

@@ -15,14 +15,16 @@ import math
 
 import torch
 
-__all__ = ["PRETRAINED_PARTS", "attention_transfer"]
+__all__ = ["PRETRAINED_PARTS", "attention_transfer", "check_transfer_options", "split_windows"]
 
 # the parts of a converted layer copied from the softmax attention (the rest is new)
 PRETRAINED_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 TRAIN_CHOICES = ("all", "new")
 
 
-def _windows(input_ids, window: int, max_windows: int | None) -> torch.Tensor:
+def split_windows(input_ids, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
+    """``input_ids`` as windows ``[num_windows, T]``: a running text ``[N]`` cut into ``window``-token
+    windows (the rest dropped), or rows given as they are; at most ``max_windows``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an int64/int32 tensor, got {type(input_ids).__name__}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
@@ -36,22 +38,33 @@ def _windows(input_ids, window: int, max_windows: int | None) -> torch.Tensor:
             raise ValueError(f"input_ids: need at least window={window} tokens, got {input_ids.numel()}")
         windows = input_ids[: input_ids.numel() // window * window].view(-1, window)
     elif input_ids.dim() == 2:
+        if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+            raise ValueError(
+                f"input_ids: need at least one window of 2 or more tokens, got {list(input_ids.shape)}"
+            )
         windows = input_ids
     else:
         raise ValueError(f"input_ids must be [N] or [num_windows, T], got shape {tuple(input_ids.shape)}")
     return windows[:max_windows] if max_windows is not None else windows
 
 
-def _check(teacher, student, steps, lr, train):
-    from swaa.convert.hybrid import hybrid_record
-    from swaa.layers import GatedLinearAttention, LinearAttention
-
+def check_transfer_options(steps=300, lr=1e-3, train="all", batch_size=1) -> None:
+    """Refuse bad scalar options of :func:`attention_transfer` (also used by the CLI and the demo
+    before they load any weights)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if train not in TRAIN_CHOICES:
         raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _check(teacher, student):
+    from swaa.convert.hybrid import hybrid_record
+    from swaa.layers import GatedLinearAttention, LinearAttention
+
     record = hybrid_record(student.config)
     if not record or not record["linear_layers"]:
         raise ValueError("student must be a hybrid with converted layers (see swaa.convert_to_hybrid)")
@@ -88,7 +101,9 @@ def _capture(teacher, windows, indices, progress):
         attention = teacher.model.layers[i].self_attn
         hooks.append(attention.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(attention.register_forward_hook(after, with_kwargs=True))
+    was_training = teacher.training
     try:
+        teacher.eval()  # no dropout in what the student learns
         device = next(teacher.parameters()).device
         with torch.no_grad():
             for w in tqdm(windows, desc="attention transfer: recording the original", disable=not progress):
@@ -96,6 +111,7 @@ def _capture(teacher, windows, indices, progress):
     finally:
         for hook in hooks:
             hook.remove()
+        teacher.train(was_training)
     return records
 
 
@@ -159,10 +175,9 @@ def attention_transfer(
     """
     from tqdm.auto import tqdm
 
-    indices = _check(teacher, student, steps, lr, train)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    windows = _windows(input_ids, window, max_windows)
+    check_transfer_options(steps, lr, train, batch_size)
+    indices = _check(teacher, student)
+    windows = split_windows(input_ids, window, max_windows)
     trained_names = {}
     for i in indices:
         names = [n for n, _ in student.model.layers[i].self_attn.named_parameters()]
@@ -176,15 +191,20 @@ def attention_transfer(
     report = {"layers": {}, "windows": len(windows), "steps": steps, "batch_size": batch_size}
     for i in indices:
         layer = student.model.layers[i].self_attn
-        device = next(layer.parameters()).device
+        first = next(layer.parameters())
         for record in records[i]:
-            for key in ("hidden_states", "target"):
-                record[key] = record[key].to(device)
+            # inputs in the layer's device and dtype (a float32 teacher may teach a bf16 student)
+            record["hidden_states"] = record["hidden_states"].to(first.device, first.dtype)
+            record["target"] = record["target"].to(first.device)
             if record["position_embeddings"] is not None:
-                record["position_embeddings"] = tuple(t.to(device) for t in record["position_embeddings"])
+                record["position_embeddings"] = tuple(
+                    t.to(first.device, first.dtype) for t in record["position_embeddings"]
+                )
         trained = trained_names[i]
         flags = {n: p.requires_grad for n, p in layer.named_parameters()}
+        grads = {n: p.grad for n, p in layer.named_parameters()}
         was_training = layer.training
+        start, restored = None, True
         try:
             for n, p in layer.named_parameters():
                 p.requires_grad_(n in trained)
@@ -205,16 +225,15 @@ def attention_transfer(
             layer.eval()
             with torch.no_grad():
                 after = _mean_error(layer, records[i])
-                # never leave a layer further from the original than it started (a too-large lr)
-                restored = not after < before
-                if restored:
-                    for n, p in layer.named_parameters():
-                        if n in start:
-                            p.copy_(start[n])
+            # never leave a layer further from the original than it started (a too-large lr)
+            restored = not after < before
         finally:
-            for n, p in layer.named_parameters():
-                p.requires_grad_(flags[n])
-                p.grad = None
+            with torch.no_grad():
+                for n, p in layer.named_parameters():
+                    if restored and start is not None and n in start:
+                        p.copy_(start[n])  # no gain, or training did not finish: as it was
+                    p.requires_grad_(flags[n])
+                    p.grad = grads[n]
             layer.train(was_training)
         report["layers"][i] = {"before": before, "after": after, "restored": restored}
         records[i] = None  # free the recording of a finished layer
