@@ -24,7 +24,7 @@ for step in "$@"; do
     # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
     # (every config computes the same thing) and the winners are not written to the shared cache
-    tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py) ;;
+    tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py tests/test_transfer_gpu.py) ;;
     *) echo "unknown step $name"; continue ;;
   esac
   # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time

@@ -112,6 +112,15 @@ def test_an_interrupted_call_puts_back_the_layer_it_was_training():
     assert all(p.grad is None and p.requires_grad for p in student.parameters())
 
 
+def test_recordings_kept_elsewhere_train_the_same():
+    teacher, student = pair(layers=(1,))
+    twin = copy.deepcopy(student)
+    attention_transfer(teacher, student, text(), window=32, steps=5, progress=False)
+    attention_transfer(teacher, twin, text(), window=32, steps=5, record_device="cpu", progress=False)
+    for (n, a), b in zip(student.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), n
+
+
 def test_a_float32_teacher_teaches_a_bf16_student():
     teacher, student = pair(layers=(1,))
     student = student.to(torch.bfloat16)

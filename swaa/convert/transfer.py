@@ -81,8 +81,13 @@ def _check(teacher, student):
     return indices
 
 
-def _capture(teacher, windows, indices, progress):
-    """Each replaced attention's (hidden_states, position_embeddings) input and output, per window."""
+def _capture(teacher, windows, indices, progress, record_device=None):
+    """Each replaced attention's (hidden_states, position_embeddings) input and output, per window, kept on
+    ``record_device`` (None: where the teacher computed them)."""
+
+    def keep(t):
+        return t.detach().to(record_device) if record_device is not None else t.detach()
+
     from tqdm.auto import tqdm
 
     records = {i: [] for i in indices}
@@ -93,10 +98,12 @@ def _capture(teacher, windows, indices, progress):
         def before(module, args, kwargs, i=i):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             position = kwargs.get("position_embeddings")
-            records[i].append({"hidden_states": hidden.detach(), "position_embeddings": position})
+            if position is not None:
+                position = tuple(keep(t) for t in position)
+            records[i].append({"hidden_states": keep(hidden), "position_embeddings": position})
 
         def after(module, args, kwargs, output, i=i):
-            records[i][-1]["target"] = output[0].detach()
+            records[i][-1]["target"] = keep(output[0])
 
         attention = teacher.model.layers[i].self_attn
         hooks.append(attention.register_forward_pre_hook(before, with_kwargs=True))
@@ -140,6 +147,7 @@ def attention_transfer(
     lr: float = 1e-3,
     train: str = "all",
     batch_size: int = 1,
+    record_device=None,
     progress: bool = True,
 ) -> dict:
     """Train each converted layer of ``student`` to reproduce the attention output of ``teacher``.
@@ -163,6 +171,9 @@ def attention_transfer(
             feature maps, output norm and gate: what was not copied from the softmax attention,
             see ``PRETRAINED_PARTS``). Default: ``"all"``.
         batch_size (int): windows per step (the windows must have one length). Default: 1.
+        record_device (str | torch.device | None): where the recordings wait for their layer's turn; ``"cpu"``
+            keeps them off a GPU whose memory the models need (each layer's share moves to its device when
+            it trains). Default: None (where the teacher ran).
         progress (bool): show progress bars. Default: True.
 
     Returns:
@@ -171,7 +182,7 @@ def attention_transfer(
         (``restored``), so none ends further from the original than it started; ``windows``; ``steps``.
 
     Memory: the recorded inputs and outputs of every converted layer for every window are kept
-    (``2 * windows * layers * T * hidden`` values in the model's dtype).
+    (``2 * windows * layers * T * hidden`` values in the model's dtype) on ``record_device``.
     """
     from tqdm.auto import tqdm
 
@@ -187,7 +198,7 @@ def attention_transfer(
             raise ValueError(
                 f"train='new' but layer {i} has no new parameters (options {options}); use train='all'"
             )
-    records = _capture(teacher, windows, indices, progress)
+    records = _capture(teacher, windows, indices, progress, record_device)
     report = {"layers": {}, "windows": len(windows), "steps": steps, "batch_size": batch_size}
     for i in indices:
         layer = student.model.layers[i].self_attn
