@@ -27,11 +27,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from common import pkg_version, progress, rel
+from common import pkg_version, progress, rel, wall_us
 
 from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
 from swaa.kernels.fla_adapter import fla_version
@@ -48,21 +47,6 @@ def gpu_ms(fn):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def wall_us(fn, calls=500, repeats=5):
-    """Host wall time per call, median over `repeats` loops of `calls` calls between syncs."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        per.append((time.perf_counter() - t0) / calls * 1e6)
-    return sorted(per)[len(per) // 2]
 
 
 def capture(fn):
@@ -267,11 +251,11 @@ def bench_decode(ok):
                 row["skipped"] = "failed correctness"
                 rows.append(row)
                 continue
-            row["eager_wall_us"] = wall_us(fn)
+            row["eager_wall_us"] = wall_us(fn, calls=500, warmup=20)
             row["eager_gpu_us"] = gpu_ms(fn) * 1e3
             try:
                 graph = capture(fn)
-                row["graph_wall_us"] = wall_us(graph.replay)
+                row["graph_wall_us"] = wall_us(graph.replay, calls=500, warmup=20)
                 row["graph_gpu_us"] = gpu_ms(graph.replay) * 1e3
             except Exception as e:  # an op that cannot be captured is a result, not a crash
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:200]

@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from common import pkg_version, progress, rel
+from common import pkg_version, progress, rel, wall_us
 from transformers import DynamicCache
 
 from swaa.kernels import fla_available
@@ -55,21 +54,6 @@ def gpu_ms(fn, warmup=10, reps=50):
     return statistics.median(times)
 
 
-def wall_us(fn, calls=200, repeats=5):
-    """Host wall time per call in us, median over `repeats` loops of `calls` calls between syncs."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(out)
-
-
 def rope(batch, length, start=0):
     pos = torch.arange(start, start + length, device="cuda", dtype=torch.float32)
     inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
@@ -85,57 +69,27 @@ def build():
         mode="chunk", hidden_size=HIDDEN, expand_k=1.0, expand_v=1.0, num_heads=H, layer_idx=0
     )
     fla = fla.cuda().bfloat16()
-    matched = (
-        GatedLinearAttention(
-            hidden_size=HIDDEN,
-            num_heads=H,
-            num_kv_heads=H,
-            head_dim=D,
-            layer_idx=0,
-            use_rope=False,
-            output_norm=True,
-            output_gate=True,
-            norm_eps=1e-5,
-            gate_low_rank_dim=16,
-            gate_logit_normalizer=16,
-            backend="fla",
-        )
-        .cuda()
-        .bfloat16()
+
+    def ours(cls, **options):
+        shape = dict(hidden_size=HIDDEN, num_heads=H, num_kv_heads=H, head_dim=D, layer_idx=0, backend="fla")
+        return cls(**shape, **options).cuda().bfloat16()
+
+    matched = ours(
+        GatedLinearAttention,
+        use_rope=False,
+        output_norm=True,
+        output_gate=True,
+        norm_eps=1e-5,
+        gate_low_rank_dim=16,
+        gate_logit_normalizer=16,
     )
     # FLA's names are ours except the fused output norm + gate
     mapped = {k.replace("g_norm_swish_gate.", "o_norm."): v for k, v in fla.state_dict().items()}
     matched.load_state_dict(mapped, strict=True)
-    converted = (
-        GatedLinearAttention(
-            hidden_size=HIDDEN,
-            num_heads=H,
-            num_kv_heads=H,
-            head_dim=D,
-            layer_idx=0,
-            qk_norm=True,
-            backend="fla",
-        )
-        .cuda()
-        .bfloat16()
-    )
+    converted = ours(GatedLinearAttention, qk_norm=True)
     # LinearAttention: softmax features run the kernel in float32 (see swaa.layers.feature_maps), elu
     # features keep it in bf16; same normalisation, so the difference is the float32 kernel
-    linear = {
-        fm: LinearAttention(
-            hidden_size=HIDDEN,
-            num_heads=H,
-            num_kv_heads=H,
-            head_dim=D,
-            layer_idx=0,
-            qk_norm=True,
-            feature_map=fm,
-            backend="fla",
-        )
-        .cuda()
-        .bfloat16()
-        for fm in ("softmax", "elu")
-    }
+    linear = {fm: ours(LinearAttention, qk_norm=True, feature_map=fm) for fm in ("softmax", "elu")}
     return fla, matched, converted, linear
 
 

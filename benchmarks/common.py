@@ -3,6 +3,7 @@ module is importable as `common`)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -26,3 +27,21 @@ def rel(a, b) -> float:
     """Relative error ||a - b|| / ||b||, computed in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def wall_us(fn, calls: int = 200, repeats: int = 5, warmup: int = 10) -> float:
+    """Host wall time per call of `fn` in us: the median over `repeats` loops of `calls` calls, each loop
+    between two CUDA syncs (so launch overhead that the GPU cannot hide shows)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(per)

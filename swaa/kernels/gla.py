@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from swaa.kernels import fla_adapter
-from swaa.kernels._checks import check_inputs
+from swaa.kernels._checks import check_inputs, state_dtype_for
 from swaa.kernels._varlen import Packing
 from swaa.kernels.step_triton import decode_step_triton, use_triton_step
 
@@ -153,7 +153,7 @@ def _chunk_gla_segment(q, k, v, g, scale, initial_state):
     # one segment of chunk_gla_torch; returns (o [B, H, N, C, V] in the state dtype, final state)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = state_dtype_for(q.dtype)
     C = _chunk_size(T)
     vc, gc = _blocks(v, dt, C), _blocks(g, dt, C)
     # padding tokens have g = 0 and k = 0: they neither decay nor add to the state
@@ -210,7 +210,7 @@ def _chunk_starts(U, decay, S):
 def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=False):
     """One token of GLA: a state update and a read, in a few torch ops (no host syncs, so it can
     be captured in a CUDA graph). Same arguments as `chunk_gla_torch`, with T == 1."""
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = state_dtype_for(q.dtype)
     k1, v1 = k[:, 0].to(dt), v[:, 0].to(dt)  # [B, H, K], [B, H, V]
     kv = k1.unsqueeze(-1) * v1.unsqueeze(-2)
     if initial_state is None:
@@ -222,7 +222,7 @@ def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fal
 
 
 def _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = state_dtype_for(q.dtype)
     if cu_seqlens is not None:
         pk = Packing(cu_seqlens)
         o, S = chunk_gla_torch(
@@ -282,7 +282,7 @@ def gla(
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.
         final_state (Optional[torch.Tensor]): `[N, H, K, V]` if `output_final_state` else None.
     """
-    check_inputs(
+    problem = check_inputs(
         q,
         k,
         v,
@@ -294,8 +294,7 @@ def gla(
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = problem.scale  # the default K ** -0.5 resolved by check_inputs
     if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
         # decode: one kernel of ours on CUDA (far less host time than FLA's launch path), else torch
         if use_triton_step(q, k, v, g, initial_state):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from swaa.kernels import fla_adapter
-from swaa.kernels._checks import check_inputs
+from swaa.kernels._checks import check_inputs, state_dtype_for
 from swaa.kernels._varlen import Packing
 from swaa.kernels.gla import _blocks, _chunk_size, _run_segments
 from swaa.kernels.naive import NORMALIZE_EPS
@@ -52,7 +52,7 @@ def chunk_linear_attn_torch(q, k, v, scale, initial_state=None, output_final_sta
 def _chunk_linear_attn_segment(q, k, v, scale, initial_state, normalize):
     # one segment of chunk_linear_attn_torch; returns (o [B, H, N, C, V] in the state dtype, final state)
     B, T, H, K = q.shape
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = state_dtype_for(q.dtype)
     S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
     C = _chunk_size(T)
     qc = _blocks(q, dt, C).mul_(scale)
@@ -74,7 +74,7 @@ def _chunk_linear_attn_segment(q, k, v, scale, initial_state, normalize):
 def linear_attn_step_torch(q, k, v, scale, initial_state=None, output_final_state=False, normalize=False):
     """One token of linear attention: a state update and a read, in a few torch ops (no host
     syncs, so it can be captured in a CUDA graph). Same arguments as `chunk_linear_attn_torch`, T == 1."""
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = state_dtype_for(q.dtype)
     S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
     q1, k1, v1 = q[:, 0].to(dt) * scale, k[:, 0].to(dt), v[:, 0].to(dt)  # [B, H, K], [B, H, V]
     S = k1.unsqueeze(-1) * v1.unsqueeze(-2)
@@ -117,7 +117,7 @@ def _torch_linear_attn(q, k, v, scale, initial_state, output_final_state, normal
         )
         return pk.unpad(o), S
     if q.shape[1] == 0:
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = state_dtype_for(q.dtype)
         B, _, H, K = q.shape
         S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
         S = S0 if S0 is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=dt)
@@ -176,7 +176,7 @@ def linear_attn(
         o (torch.Tensor): `[B, T, H, V]` in v's dtype.
         final_state: `[N, H, K, V]` (or the `(kv_state, z_state)` tuple) if `output_final_state`, else None.
     """
-    check_inputs(
+    problem = check_inputs(
         q,
         k,
         v,
@@ -188,8 +188,7 @@ def linear_attn(
         cu_seqlens=cu_seqlens,
         backend=backend,
     )
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = problem.scale  # the default K ** -0.5 resolved by check_inputs
     if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
         # decode: one kernel of ours on CUDA when it applies, else a few torch ops
         if not normalize and use_triton_step(q, k, v, initial_state):
