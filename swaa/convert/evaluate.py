@@ -12,6 +12,7 @@ __all__ = [
     "answer",
     "cache_argument",
     "cache_bytes",
+    "check_windows",
     "encode_prompt",
     "generate_reply",
     "layer_kinds",
@@ -44,6 +45,16 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_windows(window, max_windows) -> None:
+    """Refuse a window of fewer than 2 tokens or a window count that is not a positive int (or None)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    if max_windows is not None and (
+        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
+    ):
+        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+
+
 @torch.no_grad()
 def perplexity(
     model,
@@ -73,12 +84,7 @@ def perplexity(
     """
     from tqdm.auto import tqdm
 
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    if max_windows is not None and (
-        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
-    ):
-        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+    check_windows(window, max_windows)
     ids = ids.reshape(-1)
     count = max(len(ids) // window, 1)
     if max_windows is not None:

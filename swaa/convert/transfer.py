@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from swaa.convert.evaluate import check_windows
+
 __all__ = ["PRETRAINED_PARTS", "attention_transfer", "check_transfer_options", "split_windows"]
 
 # the parts of a converted layer copied from the softmax attention (the rest is new)
@@ -27,12 +29,7 @@ def split_windows(input_ids, window: int = 512, max_windows: int | None = None) 
     windows (the rest dropped), or rows given as they are; at most ``max_windows``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an int64/int32 tensor, got {type(input_ids).__name__}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    if max_windows is not None and (
-        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
-    ):
-        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
+    check_windows(window, max_windows)
     if input_ids.dim() == 1:
         if input_ids.numel() < window:
             raise ValueError(f"input_ids: need at least window={window} tokens, got {input_ids.numel()}")
