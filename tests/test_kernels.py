@@ -1,13 +1,26 @@
 """CPU tests of swaa.kernels: the torch chunked and single-step paths against the float64 oracles,
-state carrying, packed sequences, gradients, dtypes, strong gates and argument errors."""
+state carrying, packed sequences, gradients, dtypes, strong gates, compiled decode, and what the
+package imports."""
 
+import ast
+import pathlib
+import subprocess
 import sys
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
 
-from swaa.kernels import gla, linear_attn, naive_gla, naive_linear_attn
+from swaa.kernels import (
+    fla_available,
+    fla_rms_norm_gated,
+    gla,
+    linear_attn,
+    naive_gla,
+    naive_linear_attn,
+)
 from swaa.kernels.gla import chunk_gla_torch
 
 F64 = torch.float64
@@ -329,3 +342,149 @@ def test_gla_with_and_without_autograd_give_identical_values():
     xs = [x.clone().requires_grad_() for x in (q, k, v, g, h0)]
     o_g, S_g = chunk_gla_torch(*xs[:4], 0.25, xs[4], True)
     assert o_g.requires_grad and torch.equal(o, o_g) and torch.equal(S, S_g)
+
+
+def test_empty_input_returns_the_initial_state_or_zeros():
+    q, k, v, g, h0, z0 = make(2, 0, 2, 8, 4)
+    o, S = gla(q, k, v, g, output_final_state=True)
+    assert o.shape == (2, 0, 2, 4) and S.shape == (2, 2, 8, 4) and not S.any()
+    _, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert torch.equal(S, h0)
+    _, (S, z) = linear_attn(q, k, v, output_final_state=True, normalize=True)
+    assert S.shape == (2, 2, 8, 4) and z.shape == (2, 2, 8) and not S.any() and not z.any()
+
+
+def test_fake_tensors_skip_the_gate_value_check():
+    # torch.export traces with fake tensors: their values are unknown, so the gate check must not read them
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, g = torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8), torch.ones(2, 1, 2, 8)
+        v, h0 = torch.randn(2, 1, 2, 4), torch.randn(2, 2, 8, 4)
+        o, S = gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert o.shape == (2, 1, 2, 4) and S.shape == (2, 2, 8, 4)
+
+
+# (name, gated, normalize): the three single-token steps
+STEPS = [
+    pytest.param(True, False, id="gla"),
+    pytest.param(False, False, id="linear_attn"),
+    pytest.param(False, True, id="linear_attn-normalized"),
+]
+
+
+def _step_inputs(gated, normalize, dtype=torch.float32, seed=0, B=3, H=2, K=8, V=6):
+    q, k, v, g, h0, z0 = make(B, 1, H, K, V, dtype=dtype, seed=seed, positive=normalize)
+    state = (h0, z0.to(h0.dtype)) if normalize else h0
+    return q, k, v, (g if gated else None), state
+
+
+def _out_of_place(q, k, v, g, state, normalize, scale=None):
+    if g is not None:
+        return gla(q, k, v, g, scale=scale, initial_state=state, output_final_state=True)
+    return linear_attn(
+        q, k, v, scale=scale, initial_state=state, output_final_state=True, normalize=normalize
+    )
+
+
+def _parts(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def _compile(fn, backend="eager"):
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    return torch.compile(fn, backend=counter, fullgraph=True), counter
+
+
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_compiled_single_token_call_has_no_graph_break_and_no_recompile(gated, normalize):
+    # fullgraph=True raises on any graph break: a host sync or a branch on tensor values in the
+    # checks or the dispatcher would fail here
+    def step(q, k, v, g, state):
+        return _out_of_place(q, k, v, g, state, normalize)
+
+    compiled, counter = _compile(step)
+    for seed in range(4):
+        inputs = _step_inputs(gated, normalize, seed=seed)
+        o_c, S_c = compiled(*inputs)
+        o_e, S_e = step(*inputs)
+        torch.testing.assert_close(o_c, o_e, rtol=1e-6, atol=1e-6)
+        for a, b in zip(_parts(S_c), _parts(S_e)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+KERNELS_DIR = pathlib.Path(sys.modules["swaa.kernels"].__file__).parent
+
+
+def test_kernels_import_no_transformers_and_fla_in_one_module():
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top != "transformers", f"{path.name} imports {name}"
+                if top == "swaa":
+                    assert name == "swaa.validation" or name.startswith("swaa.kernels"), (
+                        f"{path.name}: {name}"
+                    )
+                if top == "fla":
+                    assert path.name == "fla_adapter.py", f"{path.name} imports {name}"
+
+
+def test_import_swaa_kernels_loads_no_other_swaa_part_and_no_transformers():
+    # the package root is bypassed (a bare namespace), so this measures swaa.kernels alone
+    code = (
+        "import sys, types; pkg = types.ModuleType('swaa'); pkg.__path__ = [sys.argv[1]]; "
+        "sys.modules['swaa'] = pkg; import swaa.kernels; "
+        "print(sorted(m for m in sys.modules if m.startswith(('swaa', 'transformers'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(KERNELS_DIR.parent)], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = ast.literal_eval(out.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.startswith("transformers")]
+    assert {m for m in loaded if not m.startswith("swaa.kernels")} == {"swaa", "swaa.validation"}
+
+
+@pytest.fixture
+def fresh_norm_accessor():
+    fla_rms_norm_gated.cache_clear()
+    yield fla_rms_norm_gated
+    fla_rms_norm_gated.cache_clear()
+
+
+def _fake_fla(monkeypatch, leaf):
+    for name in ("fla", "fla.modules", "fla.modules.norm"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.modules.norm.fused_norm_gate", leaf)
+
+
+def test_fla_rms_norm_gated_returns_fla_function_once(fresh_norm_accessor, monkeypatch):
+    leaf = types.ModuleType("fla.modules.norm.fused_norm_gate")
+    leaf.rms_norm_gated = lambda *a, **kw: "fused"
+    _fake_fla(monkeypatch, leaf)
+    fn = fresh_norm_accessor()
+    assert fn is leaf.rms_norm_gated
+    monkeypatch.delitem(sys.modules, "fla.modules.norm.fused_norm_gate")
+    assert fresh_norm_accessor() is fn  # cached: one import per process
+
+
+def test_fla_rms_norm_gated_is_none_when_fla_is_missing_or_broken(fresh_norm_accessor, monkeypatch):
+    if not fla_available():
+        assert fresh_norm_accessor() is None
+    fresh_norm_accessor.cache_clear()
+
+    class Broken(types.ModuleType):
+        # what an import of FLA's Triton modules does on a machine without a GPU driver
+        def __getattr__(self, name):
+            raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    _fake_fla(monkeypatch, Broken("fla.modules.norm.fused_norm_gate"))
+    assert fresh_norm_accessor() is None

@@ -35,8 +35,15 @@ def bad_gla_calls():
         pytest.param(dict(q=q.int(), k=k.int(), v=v.int()), TypeError, "q must be float16", id="int"),
         pytest.param(dict(g=g[..., :2]), ValueError, "g must have the shape of q", id="g-shape"),
         pytest.param(dict(g=-g), ValueError, r"g must be a log forget gate \(all entries <= 0\)", id="g>0"),
-        pytest.param(dict(scale="0.5"), TypeError, "scale must be a float", id="scale-str"),
-        pytest.param(dict(scale=float("nan")), ValueError, "scale must be finite", id="scale-nan"),
+        pytest.param(
+            dict(scale="0.5"), TypeError, "scale must be a finite number, got str '0.5'", id="scale-str"
+        ),
+        pytest.param(
+            dict(scale=True), TypeError, "scale must be a finite number, got bool True", id="scale-bool"
+        ),
+        pytest.param(
+            dict(scale=float("nan")), ValueError, "scale must be a finite number, got nan", id="scale-nan"
+        ),
         pytest.param(dict(output_final_state=1), TypeError, "output_final_state must be a bool", id="flag"),
         pytest.param(
             dict(initial_state=h0[:, :1]),
@@ -160,3 +167,10 @@ def test_auto_on_cuda_without_fla_warns_once(monkeypatch):
         assert FLA_ADAPTER.use_fla("auto", _fake_cuda_tensor()) is False
     # float64 on CUDA is an exactness run: torch, silently
     assert FLA_ADAPTER.use_fla("auto", _fake_cuda_tensor(torch.float64)) is False
+
+
+def test_single_token_gate_is_checked_in_eager_cpu_calls():
+    # the decode path skips the value check only where it would cost a sync or a graph break
+    q, k, v, g = inputs(T=1)
+    with pytest.raises(ValueError, match=r"g must be a log forget gate \(all entries <= 0\), got max"):
+        gla(q, k, v, -g)

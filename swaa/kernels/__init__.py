@@ -3,14 +3,16 @@
 - `linear_attn(q, k, v, ...)`: S_t = S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t (optionally normalized).
 - `gla(q, k, v, g, ...)`: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
 - `naive_linear_attn`, `naive_gla`: the token-by-token oracles with the same signatures.
+- `fla_available()`, `fla_rms_norm_gated()`: what FLA offers here (FLA is imported nowhere else).
 
 Activations `[B, T, H, D]`, state `[B, H, K, V]` in float32 (float64 for float64 inputs).
-This package imports nothing else from swaa and nothing from transformers.
+This package imports nothing from transformers and nothing from swaa but `swaa.validation`.
 """
 
-from swaa.kernels.fla_adapter import FLA_FUSED_RECURRENT_MAX_T, fla_available
-from swaa.kernels.gla import CHUNK_SIZE, gla
-from swaa.kernels.linear_attn import linear_attn
+from swaa.kernels.api import gla, linear_attn
+from swaa.kernels.checks import BACKENDS, FLA_DTYPES, HALF_DTYPES
+from swaa.kernels.fla_adapter import FLA_FUSED_RECURRENT_MAX_T, fla_available, fla_rms_norm_gated
+from swaa.kernels.gla import CHUNK_SIZE
 from swaa.kernels.naive import NORMALIZE_EPS, naive_gla, naive_linear_attn
 
 __all__ = [
@@ -19,6 +21,10 @@ __all__ = [
     "naive_linear_attn",
     "naive_gla",
     "fla_available",
+    "fla_rms_norm_gated",
+    "BACKENDS",
+    "HALF_DTYPES",
+    "FLA_DTYPES",
     "CHUNK_SIZE",
     "FLA_FUSED_RECURRENT_MAX_T",
     "NORMALIZE_EPS",

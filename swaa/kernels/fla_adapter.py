@@ -1,5 +1,5 @@
-"""The one place that knows FLA (flash-linear-attention / fla-core): availability, dispatch
-between its kernels, and its version differences.
+"""The one place that imports FLA (flash-linear-attention / fla-core): availability, the choice
+between its kernels, its version differences, and the fused gated RMSNorm the layers use.
 
 The rest of swaa sees a single convention: state `[N, H, K, V]` (K before V) in float32, the
 normalized linear-attention state as `(kv_state [N, H, K, V], z_state [N, H, K])`. What this
@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from swaa.kernels.checks import FLA_DTYPES
+
 # inputs this long or shorter use FLA's fused recurrent kernels, longer ones the chunked kernels,
 # the switch FLA's own GLA and linear-attention layers make (`q_len <= 64`)
 FLA_FUSED_RECURRENT_MAX_T = 64
@@ -30,9 +32,6 @@ FLA_INSTALL_HINT = (
     "install FLA's Triton kernels with `pip install fla-core` (or `pip install swaa[gpu]`); "
     "they need a CUDA GPU and triton"
 )
-# FLA's Triton kernels support these activation dtypes (not float64)
-FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 _warned_missing = False
 
 
@@ -56,6 +55,24 @@ def _import_fla():
 def fla_available() -> bool:
     """True when FLA's kernels import."""
     return _import_fla()[0] is not None
+
+
+@functools.lru_cache(maxsize=1)
+def fla_rms_norm_gated():
+    """FLA's fused gated RMSNorm, or None when FLA does not import (CPU-only installs, no triton,
+    no GPU driver); never raises.
+
+    The function returned is `rms_norm_gated(x, g, weight, bias, activation="swish", eps=...)`:
+    RMSNorm of x over its last dim, times weight, times activation(g), in one Triton kernel.
+    """
+    try:
+        try:
+            from fla.modules.norm.fused_norm_gate import rms_norm_gated
+        except ImportError:  # fla < 0.5 kept it one level up
+            from fla.modules.fused_norm_gate import rms_norm_gated
+    except Exception:  # ImportError, or triton failing to initialise without a GPU driver
+        return None
+    return rms_norm_gated
 
 
 def fla_version() -> str | None:

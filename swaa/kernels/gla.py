@@ -1,4 +1,5 @@
-"""Gated linear attention (GLA): public dispatching function, torch chunked form, single-step decode.
+"""Gated linear attention (GLA) in torch: the chunked form and the single-token step, plus the
+chunked machinery linear attention shares. The public function is `swaa.kernels.gla` (api.py).
 
 Recurrence (per head): S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t ;  o_t = scale * q_t S_t.
 """
@@ -7,10 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from swaa.kernels import fla_adapter
-from swaa.kernels._checks import check_inputs, state_dtype_for
-from swaa.kernels._varlen import Packing
-from swaa.kernels.step_triton import decode_step_triton, use_triton_step
+from swaa.kernels.checks import state_dtype_for
 
 # tokens per chunk of the torch chunked form; a power of two (the intra-chunk part halves it).
 # 32 beats 64 on CPU by ~10% (GLA, B=1, T=2048, H=8, K=V=64, one thread): half the intra-chunk
@@ -219,87 +217,3 @@ def gla_step_torch(q, k, v, g, scale, initial_state=None, output_final_state=Fal
         S = torch.addcmul(kv, initial_state, g[:, 0].to(dt).exp().unsqueeze(-1))
     o = (q[:, 0].to(dt).unsqueeze(-2) @ S).squeeze(-2) * scale  # [B, H, V]
     return o.unsqueeze(1).to(v.dtype), (S if output_final_state else None)
-
-
-def _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
-    dt = state_dtype_for(q.dtype)
-    if cu_seqlens is not None:
-        pk = Packing(cu_seqlens)
-        o, S = chunk_gla_torch(
-            pk.pad(q), pk.pad(k), pk.pad(v), pk.pad(g), scale, initial_state, output_final_state
-        )
-        return pk.unpad(o), S
-    if q.shape[1] == 0:
-        S = initial_state if initial_state is not None else q.new_zeros(*q.shape[::2], v.shape[-1], dtype=dt)
-        return v.new_zeros(v.shape), (S if output_final_state else None)
-    if q.shape[1] == 1:
-        return gla_step_torch(q, k, v, g, scale, initial_state, output_final_state)
-    return chunk_gla_torch(q, k, v, g, scale, initial_state, output_final_state)
-
-
-def gla(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.LongTensor | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t ; o_t = scale * q_t S_t.
-
-    Args:
-        q (torch.Tensor):
-            queries of shape `[B, T, H, K]`.
-        k (torch.Tensor):
-            keys of shape `[B, T, H, K]`, same dtype as q.
-        v (torch.Tensor):
-            values of shape `[B, T, H, V]`, same dtype as q.
-        g (torch.Tensor):
-            log forget gates of shape `[B, T, H, K]`, every entry <= 0 (checked off CUDA only,
-            where the check costs no device sync). Zero k and g at padding positions to leave
-            the state untouched there.
-        scale (Optional[float]):
-            multiplies q_t S_t. Default: `K ** -0.5`.
-        initial_state (Optional[torch.Tensor]):
-            state before the first token, `[N, H, K, V]` with N = B (or the number of packed
-            sequences), float32 (float64 for float64 inputs). Gradients flow into it. Default: `None` (zeros).
-        output_final_state (bool):
-            return the state after the last token. Default: `False`.
-        cu_seqlens (Optional[torch.LongTensor]):
-            `[N + 1]` offsets of N packed sequences in a B == 1 batch (FlashAttention's
-            convention); each sequence starts from its own initial state. Default: `None`.
-        backend (str):
-            "auto" (FLA's Triton kernels for CUDA tensors when fla imports, torch otherwise;
-            a single token without cu_seqlens takes the decode step: swaa's one-kernel Triton
-            step on CUDA when no gradients are wanted, which costs far less host time than FLA's
-            launch path, else a few torch ops), "fla" (FLA or an error), or "torch".
-            Default: "auto".
-
-    Returns:
-        o (torch.Tensor): `[B, T, H, V]` in v's dtype.
-        final_state (Optional[torch.Tensor]): `[N, H, K, V]` if `output_final_state` else None.
-    """
-    problem = check_inputs(
-        q,
-        k,
-        v,
-        g,
-        gated=True,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        backend=backend,
-    )
-    scale = problem.scale  # the default K ** -0.5 resolved by check_inputs
-    if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
-        # decode: one kernel of ours on CUDA (far less host time than FLA's launch path), else torch
-        if use_triton_step(q, k, v, g, initial_state):
-            return decode_step_triton(q, k, v, g, scale, initial_state, output_final_state)
-        return gla_step_torch(q, k, v, g, scale, initial_state, output_final_state)
-    if fla_adapter.use_fla(backend, q):
-        return fla_adapter.gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    return _torch_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -1,4 +1,5 @@
-"""Linear attention: public dispatching function, torch chunked form, single-step decode.
+"""Linear attention in torch: the chunked form, the single-token step, and the normalization
+applied on top of FLA's unnormalized kernel. The public function is `swaa.kernels.linear_attn`.
 
 Recurrence (per head): S_t = S_{t-1} + k_t^T v_t ;  o_t = scale * q_t S_t.
 With ``normalize=True`` also z_t = z_{t-1} + k_t and
@@ -10,14 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from swaa.kernels import fla_adapter
-from swaa.kernels._checks import check_inputs, state_dtype_for
-from swaa.kernels._varlen import Packing
+from swaa.kernels.checks import state_dtype_for
 from swaa.kernels.gla import _blocks, _chunk_size, _run_segments
 from swaa.kernels.naive import NORMALIZE_EPS
-from swaa.kernels.step_triton import decode_step_triton, use_triton_step
-
-__all__ = ["linear_attn", "chunk_linear_attn_torch", "linear_attn_step_torch", "NORMALIZE_EPS"]
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int, start: torch.Tensor | None) -> torch.Tensor:
@@ -90,7 +86,7 @@ def linear_attn_step_torch(q, k, v, scale, initial_state=None, output_final_stat
     return o, ((S, z) if normalize else S)
 
 
-def _normalize_fla_output(o, q, k, v_dtype, scale, z0, cu_seqlens):
+def normalize_fla_output(o, q, k, v_dtype, scale, z0, cu_seqlens):
     """Normalize FLA's unnormalized output in float32 torch; returns (o, z_final [N, H, K])."""
     kf = k.float()
     # running key sums with a leading zero row, so sequence boundaries are differences of it
@@ -107,99 +103,3 @@ def _normalize_fla_output(o, q, k, v_dtype, scale, z0, cu_seqlens):
         z_final = kcum[0, cu[1:]] + base
     den = (q.float() * scale * z_tok).sum(-1, keepdim=True) + NORMALIZE_EPS
     return (o.float() / den).to(v_dtype), z_final
-
-
-def _torch_linear_attn(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens):
-    if cu_seqlens is not None:
-        pk = Packing(cu_seqlens)
-        o, S = chunk_linear_attn_torch(
-            pk.pad(q), pk.pad(k), pk.pad(v), scale, initial_state, output_final_state, normalize
-        )
-        return pk.unpad(o), S
-    if q.shape[1] == 0:
-        dt = state_dtype_for(q.dtype)
-        B, _, H, K = q.shape
-        S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
-        S = S0 if S0 is not None else q.new_zeros(B, H, K, v.shape[-1], dtype=dt)
-        z = z0 if z0 is not None else q.new_zeros(B, H, K, dtype=dt)
-        return v.new_zeros(v.shape), (((S, z) if normalize else S) if output_final_state else None)
-    if q.shape[1] == 1:
-        return linear_attn_step_torch(q, k, v, scale, initial_state, output_final_state, normalize)
-    return chunk_linear_attn_torch(q, k, v, scale, initial_state, output_final_state, normalize)
-
-
-def linear_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float | None = None,
-    initial_state=None,
-    output_final_state: bool = False,
-    normalize: bool = False,
-    cu_seqlens: torch.LongTensor | None = None,
-    backend: str = "auto",
-):
-    r"""Linear attention: S_t = S_{t-1} + k_t^T v_t ; o_t = scale * q_t S_t.
-
-    Args:
-        q (torch.Tensor):
-            queries of shape `[B, T, H, K]` (after any feature map).
-        k (torch.Tensor):
-            keys of shape `[B, T, H, K]`, same dtype as q. Zero k at padding positions to leave
-            the state untouched there.
-        v (torch.Tensor):
-            values of shape `[B, T, H, V]`, same dtype as q.
-        scale (Optional[float]):
-            multiplies q. Default: `K ** -0.5`.
-        initial_state (Optional[torch.Tensor | tuple]):
-            state before the first token: `[N, H, K, V]`, or with `normalize=True` a tuple
-            `(kv_state [N, H, K, V], z_state [N, H, K])`; N = B (or the number of packed
-            sequences); float32 (float64 for float64 inputs). Gradients flow into it.
-            Default: `None` (zeros).
-        output_final_state (bool):
-            return the state after the last token. Default: `False`.
-        normalize (bool):
-            divide by the running key sum: z_t = z_{t-1} + k_t (inclusive of t) and
-            o_t = (scale * q_t S_t) / (scale * q_t . z_t + NORMALIZE_EPS), NORMALIZE_EPS = 1e-10
-            (FLA's value). Meant for non-negative feature maps. Default: `False`.
-        cu_seqlens (Optional[torch.LongTensor]):
-            `[N + 1]` offsets of N packed sequences in a B == 1 batch; each sequence starts
-            from its own initial state. Default: `None`.
-        backend (str):
-            "auto" (FLA's Triton kernels for CUDA tensors when fla imports, torch otherwise; a
-            single token without cu_seqlens takes the decode step: swaa's one-kernel Triton
-            step on CUDA when unnormalized and no gradients are wanted, else a few torch ops),
-            "fla" (FLA or an error), or "torch". With FLA the normalization runs in float32 torch on top of
-            FLA's unnormalized kernel. Default: "auto".
-
-    Returns:
-        o (torch.Tensor): `[B, T, H, V]` in v's dtype.
-        final_state: `[N, H, K, V]` (or the `(kv_state, z_state)` tuple) if `output_final_state`, else None.
-    """
-    problem = check_inputs(
-        q,
-        k,
-        v,
-        gated=False,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        normalize=normalize,
-        cu_seqlens=cu_seqlens,
-        backend=backend,
-    )
-    scale = problem.scale  # the default K ** -0.5 resolved by check_inputs
-    if q.shape[1] == 1 and cu_seqlens is None and backend == "auto":
-        # decode: one kernel of ours on CUDA when it applies, else a few torch ops
-        if not normalize and use_triton_step(q, k, v, initial_state):
-            return decode_step_triton(q, k, v, None, scale, initial_state, output_final_state)
-        return linear_attn_step_torch(q, k, v, scale, initial_state, output_final_state, normalize)
-    if fla_adapter.use_fla(backend, q):
-        S0, z0 = initial_state if (normalize and initial_state is not None) else (initial_state, None)
-        # FLA's normalized state changed layout and precision across releases: normalize here
-        o, S = fla_adapter.linear_attn(q, k, v, scale, S0, output_final_state, cu_seqlens)
-        if normalize:
-            o, z = _normalize_fla_output(o, q, k, v.dtype, scale, z0, cu_seqlens)
-            return o, ((S, z) if output_final_state else None)
-        return o.to(v.dtype), S
-    return _torch_linear_attn(q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens)

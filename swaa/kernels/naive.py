@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from swaa.kernels._checks import check_inputs
+from swaa.kernels.checks import check_inputs
 
 # added to the normalizer q_t . z_t of normalized linear attention (the value FLA uses)
 NORMALIZE_EPS = 1e-10

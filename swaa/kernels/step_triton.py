@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from swaa.kernels.checks import FLA_DTYPES
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs
     triton = None
 
-# whether backend="auto" uses this kernel for single-token decode on CUDA (False: the torch step)
-TRITON_DECODE = True
-# activation dtypes the kernel accepts; the state is always float32
-STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# activation dtypes the kernel accepts (FLA's); the state is always float32
+STEP_DTYPES = FLA_DTYPES
 # value columns per program: a [BK, 32] float32 tile per program keeps register use low for
 # K up to 256 while still giving B * H * V / 32 programs to spread over the GPU
 _BLOCK_V = 32
@@ -32,7 +32,7 @@ def triton_step_available() -> bool:
 def use_triton_step(q, *others) -> bool:
     """Whether `backend="auto"` should run a decode step with this kernel: CUDA tensors of a
     supported dtype, triton importable, and no gradients wanted (the kernel has no backward)."""
-    if not TRITON_DECODE or triton is None or q.device.type != "cuda" or q.dtype not in STEP_DTYPES:
+    if triton is None or q.device.type != "cuda" or q.dtype not in STEP_DTYPES:
         return False
     if torch.is_grad_enabled():
         return not any(x is not None and x.requires_grad for x in (q, *others))

@@ -1,19 +1,27 @@
-"""Argument validation shared by `linear_attn` and `gla` (fast paths and oracles alike).
+"""Argument validation for every kernel entry point (public functions and oracles).
 
-Every check runs before any computation, so a refused call changes nothing. The checks are
-host-side only on CUDA (no value inspection that would force a device sync), which keeps the
-single-token decode path cheap and CUDA-graph capturable.
+Every check runs before any computation, so a refused call changes nothing. The checks read tensor
+values only where that is free and traceable: never on CUDA (it would force a device sync), never
+under torch.compile / torch.export or on fake and meta tensors (a value-dependent branch would break
+the graph). So a single-token decode call has no host sync and compiles into one graph.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from swaa.validation import check_bool, check_number
+
+# the values of every `backend` argument, kernels and layers alike
 BACKENDS = ("auto", "torch", "fla")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# activation dtypes that are computed in float32 (state, normalizers, oracle comparisons)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# activation dtypes FLA's and swaa's Triton kernels accept (not float64)
+FLA_DTYPES = (*HALF_DTYPES, torch.float32)
+# activation dtypes the torch paths accept; float64 runs the exact oracle comparisons
+FLOAT_DTYPES = (*FLA_DTYPES, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,10 @@ class Problem:
     N: int
     scale: float
     state_dtype: torch.dtype
+    gated: bool
+    normalize: bool
+    output_final_state: bool
+    backend: str
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -36,14 +48,16 @@ def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def values_checkable(x: torch.Tensor) -> bool:
+    """Whether a check may read `x`'s values: a real tensor off CUDA, outside compile and export."""
+    if x.device.type in ("cuda", "meta") or torch.compiler.is_compiling():
+        return False
+    return not torch._subclasses.fake_tensor.is_fake(x)
+
+
 def _tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-
-
-def _flag(name, x):
-    if not isinstance(x, bool):
-        raise TypeError(f"{name} must be a bool, got {x!r}")
 
 
 def _check_state(name, x, shape, dtype, device):
@@ -80,7 +94,7 @@ def check_inputs(
         if x.dim() != 4:
             what = "[B, T, H, V]" if name == "v" else "[B, T, H, K]"
             raise ValueError(f"{name} must have shape {what} (4 dims), got {list(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
+        if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name} must be on {q.device} like q, got {x.device}")
@@ -98,19 +112,13 @@ def check_inputs(
     if gated:
         if tuple(g.shape) != (B, T, H, K):
             raise ValueError(f"g must have the shape of q {list(q.shape)}, got {list(g.shape)}")
-        # a value check would force a device sync on CUDA; on other devices it is one cheap pass
-        # (amax: one reduction, ~20x faster than (g > 0).any() on CPU; NaN passes, as before)
-        if g.device.type != "cuda" and g.numel() and bool(g.amax() > 0):
+        # amax: one reduction, ~20x faster than (g > 0).any() on CPU; NaN passes
+        if g.numel() and values_checkable(g) and bool(g.amax() > 0):
             raise ValueError(f"g must be a log forget gate (all entries <= 0), got max {g.max().item():.4g}")
 
-    if scale is None:
-        scale = K**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {scale!r}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale!r}")
-    _flag("output_final_state", output_final_state)
-    _flag("normalize", normalize)
+    scale = K**-0.5 if scale is None else check_number("scale", scale)
+    check_bool("output_final_state", output_final_state)
+    check_bool("normalize", normalize)
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -128,25 +136,28 @@ def check_inputs(
         if B != 1:
             raise ValueError(f"q must have batch size 1 when cu_seqlens is given (packed sequences), got {B}")
         N = cu_seqlens.numel() - 1
-        # reading the offsets costs a sync on CUDA; packed prefill is not the latency-critical path
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {offsets}")
+        # reading the offsets syncs on CUDA, which packed prefill (never the decode path) can afford;
+        # under compile it would break the graph, so there the caller vouches for them
+        if not torch.compiler.is_compiling() and cu_seqlens.device.type != "meta":
+            offsets = cu_seqlens.tolist()
+            if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+                raise ValueError(
+                    f"cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {offsets}"
+                )
 
     sdt = state_dtype_for(q.dtype)
+    name = "initial_state"
     if initial_state is not None:
         if normalize:
             if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
                 raise TypeError(
-                    "initial_state must be a tuple (kv_state [N, H, K, V], z_state [N, H, K]) "
+                    f"{name} must be a tuple (kv_state [N, H, K, V], z_state [N, H, K]) "
                     f"when normalize=True, got {type(initial_state).__name__}"
                 )
-            _check_state("initial_state[0] (kv_state)", initial_state[0], (N, H, K, V), sdt, q.device)
-            _check_state("initial_state[1] (z_state)", initial_state[1], (N, H, K), sdt, q.device)
+            _check_state(f"{name}[0] (kv_state)", initial_state[0], (N, H, K, V), sdt, q.device)
+            _check_state(f"{name}[1] (z_state)", initial_state[1], (N, H, K), sdt, q.device)
         else:
             if isinstance(initial_state, (tuple, list)):
-                raise TypeError(
-                    "initial_state must be a tensor [N, H, K, V] when normalize=False, got a tuple"
-                )
-            _check_state("initial_state", initial_state, (N, H, K, V), sdt, q.device)
-    return Problem(B, T, H, K, V, N, float(scale), sdt)
+                raise TypeError(f"{name} must be a tensor [N, H, K, V] when normalize=False, got a tuple")
+            _check_state(name, initial_state, (N, H, K, V), sdt, q.device)
+    return Problem(B, T, H, K, V, N, float(scale), sdt, gated, normalize, output_final_state, backend)
