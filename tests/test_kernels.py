@@ -1,6 +1,6 @@
 """CPU tests of swaa.kernels: the torch chunked and single-step paths against the float64 oracles,
-state carrying, packed sequences, gradients, dtypes, strong gates, compiled decode, and what the
-package imports."""
+state carrying, packed sequences, gradients, dtypes, strong gates, the in-place decode step,
+compiled decode, and what the package imports."""
 
 import ast
 import pathlib
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from swaa.kernels import (
+    decode_step_,
     fla_available,
     fla_rms_norm_gated,
     gla,
@@ -391,6 +392,49 @@ def _parts(state):
     return list(state) if isinstance(state, tuple) else [state]
 
 
+@pytest.mark.parametrize("gated,normalize", STEPS)
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("scale", [None, 0.7], ids=["default-scale", "scale0.7"])
+def test_decode_step_in_place_equals_out_of_place_step_and_oracle(gated, normalize, dtype, scale):
+    q, k, v, g, state = _step_inputs(gated, normalize, dtype)
+    buffers = tuple(s.clone() for s in _parts(state))
+    ptrs = [b.data_ptr() for b in buffers]
+    o = decode_step_(q, k, v, g, state=buffers if normalize else buffers[0], scale=scale, normalize=normalize)
+    o_ref, S_ref = _out_of_place(q, k, v, g, state, normalize, scale)
+    assert o.shape == (3, 1, 2, 6) and o.dtype == dtype
+    assert [b.data_ptr() for b in buffers] == ptrs
+    # the same torch step computes both, so in place and out of place agree to the bit
+    assert torch.equal(o, o_ref)
+    assert all(torch.equal(b, s) for b, s in zip(buffers, _parts(S_ref)))
+    # the float64 oracle on the same (rounded) inputs
+    args = [x.double() for x in (q, k, v)] + ([g.double()] if gated else [])
+    state64 = tuple(s.double() for s in _parts(state))
+    state64 = state64 if normalize else state64[0]
+    if gated:
+        o64, S64 = naive_gla(*args, scale=scale, initial_state=state64, output_final_state=True)
+    else:
+        o64, S64 = naive_linear_attn(
+            *args, scale=scale, initial_state=state64, output_final_state=True, normalize=normalize
+        )
+    tol = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert rel(o.double(), o64) < tol
+    assert all(rel(b.double(), s) < max(tol, 1e-6) for b, s in zip(buffers, _parts(S64)))
+
+
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_decode_step_in_place_token_by_token_equals_prefill(gated, normalize):
+    q, k, v, g, h0, z0 = make(2, 12, 2, 8, 8, positive=normalize)
+    g = g if gated else None
+    state = (h0.clone(), z0.clone()) if normalize else h0.clone()
+    o_full, S_full = _out_of_place(q, k, v, g, (h0, z0) if normalize else h0, normalize)
+    outs = []
+    for t in range(12):
+        tok = [None if x is None else x[:, t : t + 1] for x in (q, k, v, g)]
+        outs.append(decode_step_(*tok, state=state, normalize=normalize))
+    assert rel(torch.cat(outs, 1), o_full) < 1e-10
+    assert all(rel(a, b) < 1e-10 for a, b in zip(_parts(state), _parts(S_full)))
+
+
 def _compile(fn, backend="eager"):
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
@@ -411,6 +455,26 @@ def test_compiled_single_token_call_has_no_graph_break_and_no_recompile(gated, n
         o_e, S_e = step(*inputs)
         torch.testing.assert_close(o_c, o_e, rtol=1e-6, atol=1e-6)
         for a, b in zip(_parts(S_c), _parts(S_e)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_compiled_in_place_decode_step_updates_the_state_buffer(gated, normalize):
+    def step(q, k, v, g, state):
+        return decode_step_(q, k, v, g, state=state, normalize=normalize)
+
+    # aot_eager functionalizes the in-place update and writes the result back into the input
+    compiled, counter = _compile(step, "aot_eager")
+    for seed in range(3):
+        q, k, v, g, state = _step_inputs(gated, normalize, seed=seed)
+        buffers = tuple(s.clone() for s in _parts(state))
+        ptrs = [b.data_ptr() for b in buffers]
+        o_c = compiled(q, k, v, g, buffers if normalize else buffers[0])
+        o_e, S_e = _out_of_place(q, k, v, g, state, normalize)
+        assert [b.data_ptr() for b in buffers] == ptrs
+        torch.testing.assert_close(o_c, o_e, rtol=1e-6, atol=1e-6)
+        for a, b in zip(buffers, _parts(S_e)):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     assert counter.frame_count == 1
 

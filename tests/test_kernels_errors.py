@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from swaa.kernels import gla, linear_attn, naive_gla, naive_linear_attn
+from swaa.kernels import decode_step_, gla, linear_attn, naive_gla, naive_linear_attn
 
 FLA_ADAPTER = sys.modules["swaa.kernels.fla_adapter"]
 
@@ -174,3 +174,88 @@ def test_single_token_gate_is_checked_in_eager_cpu_calls():
     q, k, v, g = inputs(T=1)
     with pytest.raises(ValueError, match=r"g must be a log forget gate \(all entries <= 0\), got max"):
         gla(q, k, v, -g)
+    with pytest.raises(ValueError, match="g must be a log forget gate"):
+        decode_step_(q, k, v, -g, state=state())
+
+
+def bad_decode_step_calls():
+    q, k, v, g = inputs(T=1)
+    h0, z0 = state(), torch.rand(1, 2, 4)
+    return [
+        pytest.param(
+            dict(q=inputs(T=2)[0], k=inputs(T=2)[1], v=inputs(T=2)[2], g=None),
+            ValueError,
+            r"decode_step_ takes one token: q must have shape \[B, 1, H, K\], got \[1, 2, 2, 4\]",
+            id="T2",
+        ),
+        pytest.param(
+            dict(state=None),
+            TypeError,
+            r"state must be the state to update in place, \[B, H, K, V\]",
+            id="state-none",
+        ),
+        pytest.param(
+            dict(state=h0[:, :1]),
+            ValueError,
+            r"state must have shape \[1, 2, 4, 3\], got \[1, 1, 4, 3\]",
+            id="state-shape",
+        ),
+        pytest.param(
+            dict(state=h0.double()), TypeError, "state must have dtype torch.float32", id="state-dtype"
+        ),
+        pytest.param(dict(state=(h0, z0)), TypeError, "state must be a tensor", id="state-tuple"),
+        pytest.param(
+            dict(g=None, normalize=True, state=h0),
+            TypeError,
+            r"state must be a tuple \(kv_state",
+            id="normalized-state-tensor",
+        ),
+        pytest.param(
+            dict(g=None, normalize=True, state=(h0, z0[..., :2])),
+            ValueError,
+            r"state\[1\] \(z_state\) must have shape \[1, 2, 4\]",
+            id="z-shape",
+        ),
+        pytest.param(
+            dict(normalize=True, state=(h0, z0)),
+            ValueError,
+            r"normalize=True is for linear attention \(g=None\), got a gate g",
+            id="normalized-gla",
+        ),
+        pytest.param(dict(normalize=1), TypeError, "normalize must be a bool, got int 1", id="normalize-int"),
+        pytest.param(dict(scale="2"), TypeError, "scale must be a finite number, got str '2'", id="scale"),
+        pytest.param(dict(k=k.double()), TypeError, "k must have the dtype of q", id="k-dtype"),
+        pytest.param(
+            dict(q=q.clone().requires_grad_()),
+            ValueError,
+            "decode_step_ updates state in place and has no backward, got q requiring grad",
+            id="q-grad",
+        ),
+        pytest.param(
+            dict(state=h0.clone().requires_grad_()), ValueError, "got state requiring grad", id="state-grad"
+        ),
+    ]
+
+
+@pytest.mark.parametrize("override,exc,match", bad_decode_step_calls())
+def test_decode_step_rejects_bad_input_and_changes_no_state(override, exc, match):
+    q, k, v, g = inputs(T=1)
+    args = dict(q=q, k=k, v=v, g=g, state=state())
+    args.update(override)
+    st = args["state"]
+    before = [x.detach().clone() for x in (st if isinstance(st, tuple) else (st,))] if st is not None else []
+    state_kw = args.pop("state")
+    with pytest.raises(exc, match=match):
+        decode_step_(**args, state=state_kw)
+    after = list(state_kw) if isinstance(state_kw, tuple) else ([state_kw] if state_kw is not None else [])
+    for b, a in zip(before, after):
+        assert torch.equal(a, b), "state changed by a refused call"
+
+
+def test_decode_step_under_no_grad_accepts_inputs_that_require_grad():
+    q, k, v, g = inputs(T=1)
+    S = state().requires_grad_()
+    expected, S1 = gla(q, k, v, g, initial_state=S.detach(), output_final_state=True)
+    with torch.no_grad():
+        o = decode_step_(q.requires_grad_(), k, v, g, state=S)
+    assert torch.equal(o, expected) and torch.equal(S.detach(), S1)

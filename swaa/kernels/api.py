@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from swaa.kernels import dispatch
-from swaa.kernels.checks import check_inputs
+from swaa.kernels.checks import check_decode_step, check_inputs
 
 
 def gla(
@@ -130,3 +130,52 @@ def linear_attn(
         backend=backend,
     )
     return dispatch.run(p, q, k, v, None, initial_state, cu_seqlens)
+
+
+def decode_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    state,
+    scale: float | None = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    r"""One decode token of GLA (`g` given) or linear attention (`g=None`), updating `state` in place.
+
+    The same step as `gla(..., initial_state=state, output_final_state=True)` (or `linear_attn`),
+    but the new state is written into `state` itself instead of a new tensor, so a state kept at a
+    static address (a static cache, a captured CUDA graph) stays there and no state is allocated.
+    On CUDA the unnormalized step is one Triton kernel writing over its input; elsewhere, and for
+    `normalize=True`, the torch step computes the new state and copies it in. No host sync, no
+    graph break under `torch.compile`. No autograd: the old state is overwritten.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, 1, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, 1, H, K]`, same dtype as q.
+        v (torch.Tensor):
+            values of shape `[B, 1, H, V]`, same dtype as q.
+        g (Optional[torch.Tensor]):
+            log forget gates `[B, 1, H, K]`, entries <= 0, for GLA; None for linear attention.
+            Default: `None`.
+        state (torch.Tensor | tuple):
+            the state to update, `[B, H, K, V]`, or with `normalize=True` the tuple
+            `(kv_state [B, H, K, V], z_state [B, H, K])`, both updated in place; float32
+            (float64 for float64 inputs). Required, keyword-only.
+        scale (Optional[float]):
+            multiplies q. Default: `K ** -0.5`.
+        normalize (bool):
+            normalized linear attention, as in `linear_attn` (only with `g=None`). Default: `False`.
+
+    Returns:
+        o (torch.Tensor): `[B, 1, H, V]` in v's dtype.
+
+    Raises TypeError / ValueError like `gla` and `linear_attn`, and also when T != 1, when state is
+    None, for `normalize=True` with a gate, and when any input requires grad under autograd; a
+    refused call leaves `state` as it was.
+    """
+    p = check_decode_step(q, k, v, g, state, scale, normalize)
+    return dispatch.step_in_place(p, q, k, v, g, state)

@@ -1,4 +1,4 @@
-"""Argument validation for every kernel entry point (public functions and oracles).
+"""Argument validation for every kernel entry point (public functions, in-place step and oracles).
 
 Every check runs before any computation, so a refused call changes nothing. The checks read tensor
 values only where that is free and traceable: never on CUDA (it would force a device sync), never
@@ -83,11 +83,12 @@ def check_inputs(
     normalize=False,
     cu_seqlens=None,
     backend="auto",
+    state_name="initial_state",
 ) -> Problem:
     """Validate one call of `linear_attn` / `gla` (or their naive twins) and return its sizes.
 
     Raises TypeError for wrong types/dtypes and ValueError for wrong shapes, devices or values,
-    each naming the argument, what was expected and what was given.
+    each naming the argument (the state as `state_name`), what was expected and what was given.
     """
     for name, x in (("q", q), ("k", k), ("v", v)) + ((("g", g),) if gated else ()):
         _tensor(name, x)
@@ -146,7 +147,7 @@ def check_inputs(
                 )
 
     sdt = state_dtype_for(q.dtype)
-    name = "initial_state"
+    name = state_name
     if initial_state is not None:
         if normalize:
             if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
@@ -161,3 +162,32 @@ def check_inputs(
                 raise TypeError(f"{name} must be a tensor [N, H, K, V] when normalize=False, got a tuple")
             _check_state(name, initial_state, (N, H, K, V), sdt, q.device)
     return Problem(B, T, H, K, V, N, float(scale), sdt, gated, normalize, output_final_state, backend)
+
+
+def check_decode_step(q, k, v, g, state, scale, normalize) -> Problem:
+    """Validate one call of `decode_step_`: `check_inputs` plus what updating `state` in place needs.
+
+    The state is required (it is the buffer written), T must be 1, normalization has no gated
+    form, and nothing may need gradients: the step overwrites its input and has no backward.
+    """
+    gated = g is not None
+    if state is None:
+        what = "(kv_state [B, H, K, V], z_state [B, H, K])" if normalize is True else "[B, H, K, V]"
+        raise TypeError(f"state must be the state to update in place, {what}, got None")
+    p = check_inputs(
+        q, k, v, g, gated=gated, scale=scale, initial_state=state, normalize=normalize, state_name="state"
+    )
+    if p.T != 1:
+        raise ValueError(f"decode_step_ takes one token: q must have shape [B, 1, H, K], got {list(q.shape)}")
+    if gated and normalize:
+        raise ValueError("normalize=True is for linear attention (g=None), got a gate g")
+    named = [("q", q), ("k", k), ("v", v), ("g", g)]
+    named += [("state[0]", state[0]), ("state[1]", state[1])] if normalize else [("state", state)]
+    if torch.is_grad_enabled():
+        for name, x in named:
+            if x is not None and x.requires_grad:
+                raise ValueError(
+                    f"decode_step_ updates state in place and has no backward, got {name} requiring grad; "
+                    "run it under torch.no_grad() or call gla / linear_attn with output_final_state=True"
+                )
+    return p

@@ -1,4 +1,4 @@
-"""The one dispatcher behind `gla` and `linear_attn`: given a validated call, pick
+"""The one dispatcher behind `gla`, `linear_attn` and `decode_step_`: given a validated call, pick
 the single-token decode step, FLA's kernels or the torch forms, for both operations.
 
 Paths, in the order they are tried:
@@ -27,6 +27,22 @@ def run(p: Problem, q, k, v, g, initial_state, cu_seqlens):
     if fla_adapter.use_fla(p.backend, q):
         return _fla(p, q, k, v, g, initial_state, cu_seqlens)
     return _torch(p, q, k, v, g, initial_state, cu_seqlens)
+
+
+def step_in_place(p: Problem, q, k, v, g, state):
+    """One token (`p` from `check_decode_step`) written into `state`; returns o `[B, 1, H, V]`."""
+    if not p.normalize and state.is_contiguous() and use_triton_step(q, k, v, g, state):
+        return decode_step_triton(q, k, v, g, p.scale, state, state_out=state)[0]
+    # the torch step, then copy_: the state keeps its address (and stays what a CUDA graph or a
+    # static cache points at). The Triton kernel cannot update the normalizer z in place: every
+    # value tile of a head needs the old z, so the program writing it would race the others
+    o, new = _step_torch(p, q, k, v, g, state, output_final_state=True)
+    if p.normalize:
+        state[0].copy_(new[0])
+        state[1].copy_(new[1])
+    else:
+        state.copy_(new)
+    return o
 
 
 def _decode(p, q, k, v, g, state):

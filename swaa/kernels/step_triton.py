@@ -3,7 +3,9 @@
 One launch reads the float32 state once, decays it, adds k^T v, writes it back and reads out
 o = scale * q S from the registers it already holds: the memory floor of a decode step, with
 one kernel launch of host overhead. Forward only (decode needs no gradients) and CUDA-graph
-capturable. Imports without triton; `triton_step_available()` says whether it can run.
+capturable. It can write the new state over the old one (`state_out=initial_state`), so a decode
+step with a state at a static address allocates no state. Imports without triton;
+`triton_step_available()` says whether it can run.
 """
 
 from __future__ import annotations
@@ -82,11 +84,15 @@ if triton is not None:
             b_s += b_h
         b_o = tl.sum(b_s * b_q[:, None], axis=0)
         tl.store(o + i_bh * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        # ht may be h0 itself (the in-place step). Safe: the tiles of different (i_v, i_bh) are
+        # disjoint, so no other program reads or writes this one; this program loaded its whole
+        # tile above (BK >= K covers every key row), and each stored element is computed from the
+        # value loaded at the same address, so it cannot be written before it has been read
         if STORE_HT:
             tl.store(ht + p_s, b_s, mask=m_s)
 
 
-def decode_step_triton(q, k, v, g, scale, initial_state=None, output_final_state=False):
+def decode_step_triton(q, k, v, g, scale, initial_state=None, output_final_state=False, *, state_out=None):
     """One token of GLA (or of plain linear attention when `g` is None) in one Triton kernel.
 
     Args:
@@ -96,6 +102,9 @@ def decode_step_triton(q, k, v, g, scale, initial_state=None, output_final_state
         scale (float): multiplies q.
         initial_state (Optional[torch.Tensor]): `[B, H, K, V]` float32. Default: zeros.
         output_final_state (bool): return the updated state.
+        state_out (Optional[torch.Tensor]): contiguous `[B, H, K, V]` float32 buffer the new state
+            is written into, and returned as the final state; may be `initial_state` itself (the
+            in-place step). Default: None (a new tensor when `output_final_state`).
 
     Returns:
         o `[B, 1, H, V]` in v's dtype and the new state `[B, H, K, V]` float32 (or None).
@@ -107,7 +116,12 @@ def decode_step_triton(q, k, v, g, scale, initial_state=None, output_final_state
     g = g.contiguous() if g is not None else None
     h0 = initial_state.contiguous() if initial_state is not None else None
     o = torch.empty_like(v)
-    ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
+    if state_out is not None:
+        ht = state_out
+    elif output_final_state:
+        ht = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+    else:
+        ht = None
     BK = triton.next_power_of_2(K)
     grid = (triton.cdiv(V, _BLOCK_V), B * H)
     # unused pointer arguments get any valid tensor; the constexpr flags keep them untouched
