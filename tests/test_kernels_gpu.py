@@ -1,11 +1,12 @@
 """GPU tests of swaa.kernels (marked `gpu`, skipped without CUDA): FLA through the dispatcher and
-the lean single-token path against the float64 oracle, forward, final state and every gradient."""
+the lean single-token path against the float64 oracle, forward, final state and every gradient; the
+in-place decode step against the oracle, inside a CUDA graph and without host syncs."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from swaa.kernels import fla_available, gla, linear_attn, naive_gla, naive_linear_attn
+from swaa.kernels import decode_step_, fla_available, gla, linear_attn, naive_gla, naive_linear_attn
 from swaa.kernels.step_triton import decode_step_triton, triton_step_available
 
 pytestmark = [
@@ -252,3 +253,114 @@ def test_fla_cu_seqlens_matches_torch(lens, normalize):
     assert rel(out[0], ref[0]) < 5e-3
     for a, b in zip(out[1] if normalize else (out[1],), ref[1] if normalize else (ref[1],)):
         assert rel(a, b) < 5e-3
+
+
+# (gated, normalize) of the three single-token steps; the normalized one runs the torch step on CUDA
+STEPS = [
+    pytest.param(True, False, marks=needs_triton, id="gla-triton"),
+    pytest.param(False, False, marks=needs_triton, id="linear_attn-triton"),
+    pytest.param(False, True, id="linear_attn-normalized"),
+]
+
+
+def step_inputs(B, H, K, V, dtype, gated, normalize, seed=0):
+    q, k, v, g, h0, z0, _ = make(B, 1, H, K, V, seed=seed, positive=normalize)
+    q, k, v, g = (x.to(dtype) for x in (q, k, v, g))
+    state = (h0.float(), z0.float()) if normalize else h0.float()
+    return q, k, v, (g if gated else None), state
+
+
+def parts(state):
+    return list(state) if isinstance(state, (tuple, list)) else [state]
+
+
+def clone_state(state):
+    c = [s.clone() for s in parts(state)]
+    return tuple(c) if isinstance(state, tuple) else c[0]
+
+
+def oracle(q, k, v, g, state, normalize):
+    s64 = clone_state(state)
+    s64 = tuple(x.double() for x in s64) if normalize else s64.double()
+    if g is not None:
+        return naive_gla(
+            q.double(), k.double(), v.double(), g.double(), initial_state=s64, output_final_state=True
+        )
+    return naive_linear_attn(
+        q.double(), k.double(), v.double(), initial_state=s64, output_final_state=True, normalize=normalize
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,H,K,V", [(16, 16, 128, 128), (3, 2, 60, 40), (1, 4, 256, 64)])
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_in_place_decode_step_matches_oracle_and_keeps_the_buffer(B, H, K, V, dtype, gated, normalize):
+    q, k, v, g, state = step_inputs(B, H, K, V, dtype, gated, normalize)
+    ref_o, ref_S = oracle(q, k, v, g, state, normalize)
+    buf = clone_state(state)
+    ptrs = [x.data_ptr() for x in parts(buf)]
+    o = decode_step_(q, k, v, g, state=buf, normalize=normalize)
+    assert o.shape == (B, 1, H, V) and o.dtype == dtype
+    assert [x.data_ptr() for x in parts(buf)] == ptrs
+    assert rel(o, ref_o) < TOL[dtype]
+    for a, b in zip(parts(buf), parts(ref_S)):
+        assert a.dtype == torch.float32 and rel(a, b) < 1e-5
+    if not normalize:
+        # writing over its input gives the out-of-place kernel's answer to the bit (no tile read after a write)
+        o2, S2 = decode_step_triton(q, k, v, g, K**-0.5, state, True)
+        assert torch.equal(o, o2) and torch.equal(buf, S2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_in_place_decode_step_replays_in_a_cuda_graph(dtype, gated, normalize):
+    B, H, K, V = 4, 8, 64, 64
+    q, k, v, g, state = step_inputs(B, H, K, V, dtype, gated, normalize)
+    static_in = [None if x is None else x.clone() for x in (q, k, v, g)]
+    static_state = clone_state(state)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles the Triton kernel outside the capture
+            decode_step_(*static_in, state=static_state, normalize=normalize)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_o = decode_step_(*static_in, state=static_state, normalize=normalize)
+    for buf, x in zip(parts(static_state), parts(state)):
+        buf.copy_(x)  # the warm-up advanced the state; capture itself ran nothing
+    eager_state = clone_state(state)
+    ptrs = [x.data_ptr() for x in parts(static_state)]
+    for step in range(5):
+        new = step_inputs(B, H, K, V, dtype, gated, normalize, seed=step + 1)[:4]
+        for buf, x in zip(static_in, new):
+            if buf is not None:
+                buf.copy_(x)
+        graph.replay()
+        o_e = decode_step_(*new, state=eager_state, normalize=normalize)
+        torch.testing.assert_close(static_o, o_e, rtol=1e-5, atol=1e-5)
+        for a, b in zip(parts(static_state), parts(eager_state)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert [x.data_ptr() for x in parts(static_state)] == ptrs
+
+
+@pytest.mark.parametrize("gated,normalize", STEPS)
+def test_decode_calls_never_sync_with_the_host(gated, normalize):
+    q, k, v, g, state = step_inputs(2, 4, 64, 64, torch.bfloat16, gated, normalize)
+    buf = clone_state(state)
+
+    def calls():
+        decode_step_(q, k, v, g, state=buf, normalize=normalize)
+        if gated:
+            gla(q, k, v, g, initial_state=state, output_final_state=True)
+        else:
+            linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+
+    calls()  # first calls compile kernels and may query the device
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
