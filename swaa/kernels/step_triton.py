@@ -20,8 +20,6 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-# activation dtypes the kernel accepts (FLA's); the state is always float32
-STEP_DTYPES = FLA_DTYPES
 # value columns per program: a [BK, 32] float32 tile per program keeps register use low for
 # K up to 256 while still giving B * H * V / 32 programs to spread over the GPU
 _BLOCK_V = 32
@@ -32,9 +30,10 @@ def triton_step_available() -> bool:
 
 
 def use_triton_step(q, *others) -> bool:
-    """Whether `backend="auto"` should run a decode step with this kernel: CUDA tensors of a
-    supported dtype, triton importable, and no gradients wanted (the kernel has no backward)."""
-    if triton is None or q.device.type != "cuda" or q.dtype not in STEP_DTYPES:
+    """Whether `backend="auto"` should run a decode step with this kernel: CUDA tensors of a dtype
+    FLA's kernels accept (the state is always float32), triton importable, and no gradients
+    wanted (the kernel has no backward)."""
+    if triton is None or q.device.type != "cuda" or q.dtype not in FLA_DTYPES:
         return False
     if torch.is_grad_enabled():
         return not any(x is not None and x.requires_grad for x in (q, *others))
