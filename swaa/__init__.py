@@ -1,25 +1,108 @@
 """swaa: linear attention and gated linear attention inside Hugging Face transformers.
 
-Four parts, one direction of dependency: ``swaa.cache`` (the KV-cache patch) and ``swaa.kernels``
-(FLA on CUDA, exact torch elsewhere) know nothing of each other; ``swaa.layers`` builds drop-in
-attention modules on both; ``swaa.convert`` turns pretrained models into hybrids with those layers.
+Rooms, one direction of imports: ``swaa.cache`` (the KV-cache patch) and ``swaa.kernels`` (FLA on CUDA,
+exact torch elsewhere) know nothing of each other; ``swaa.layers`` builds drop-in attention modules on
+both; ``swaa.convert`` turns pretrained models into hybrids with those layers; ``swaa.app`` is what a user
+runs (CLI, demo, loading, evaluation). ``swaa.families`` (the one family table) and ``swaa.validation``
+are pure Python beneath them all.
 
-``import swaa`` registers the hybrid model classes with transformers' Auto classes, so a saved hybrid
-loads with ``AutoModelForCausalLM.from_pretrained(path)``; that is why it imports transformers.
+The names below are re-exported lazily (PEP 562), so ``import swaa.kernels`` loads no transformers and the
+CLI pays only for what a command uses. A saved hybrid loads with ``AutoModelForCausalLM.from_pretrained``
+after ``import swaa``: the hybrid classes are registered with transformers' Auto classes as soon as the
+AutoModel classes are imported (at once if they already are).
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import sys
+import threading
 
 __version__ = "0.1.0"
 
-from swaa.cache import hack_kv_cache_recurrent_state, unhack_kv_cache_recurrent_state  # noqa: E402
-from swaa.convert import attention_transfer, convert_to_hybrid  # noqa: E402  (registers the Auto classes)
-from swaa.layers import GatedLinearAttention, LinearAttention  # noqa: E402
+# public name -> module that defines it
+_EXPORTS = {
+    "hack_kv_cache_recurrent_state": "swaa.cache",
+    "unhack_kv_cache_recurrent_state": "swaa.cache",
+    "GatedLinearAttention": "swaa.layers",
+    "LinearAttention": "swaa.layers",
+    "convert_to_hybrid": "swaa.convert",
+    "attention_transfer": "swaa.convert",
+}
 
-__all__ = [
-    "GatedLinearAttention",
-    "LinearAttention",
-    "__version__",
-    "attention_transfer",
-    "convert_to_hybrid",
-    "hack_kv_cache_recurrent_state",
-    "unhack_kv_cache_recurrent_state",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swaa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+# the module of transformers' AutoModel classes; it imports AutoConfig's on the way, so once it has loaded
+# both can take the hybrid classes. (AutoConfig alone, before any AutoModel class is imported, learns
+# them from `swaa.convert.register_hybrid_classes()`.)
+_AUTO_MODULE = "transformers.models.auto.modeling_auto"
+_registration_lock = threading.Lock()
+
+
+def _register_hybrid_classes() -> None:
+    from swaa.convert.registry import register_hybrid_classes
+
+    register_hybrid_classes()
+
+
+class _RegisterAfterAutoImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``_AUTO_MODULE`` is imported, it lets the other finders load it,
+    then registers the hybrid classes, and takes itself off ``sys.meta_path``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _AUTO_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _LoaderThenRegister(spec.loader, self)
+                return spec
+        return None
+
+
+class _LoaderThenRegister(importlib.abc.Loader):
+    def __init__(self, loader, finder):
+        self._loader, self._finder = loader, finder
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _remove_hook(self._finder)
+        _register_hybrid_classes()
+
+
+def _remove_hook(finder) -> None:
+    with _registration_lock:
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
+def _install_registration() -> None:
+    if _AUTO_MODULE in sys.modules:
+        _register_hybrid_classes()
+        return
+    with _registration_lock:
+        if not any(isinstance(f, _RegisterAfterAutoImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterAfterAutoImport())
+
+
+_install_registration()

@@ -2,6 +2,6 @@
 
 import sys
 
-from swaa.cli import main
+from swaa.app.cli import main
 
 sys.exit(main())

@@ -27,15 +27,15 @@ def check_int(name: str, value, *, minimum: int | None = None, allow_none: bool 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be {_int_phrase(minimum, allow_none)}, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be {_int_phrase(minimum, allow_none)}, got {type(value).__name__} {value!r}"
+        )
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be {_int_phrase(minimum, allow_none)}, got {value!r}")
     return int(value)
 
 
-def check_number(
-    name: str, value, *, positive: bool = False, finite: bool = True, allow_none: bool = False
-):
+def check_number(name: str, value, *, positive: bool = False, finite: bool = True, allow_none: bool = False):
     """``value`` if it is a real number (int or float, not a bool), finite unless ``finite=False``, and
     greater than zero when ``positive``.
 

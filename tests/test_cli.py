@@ -11,10 +11,10 @@ from test_convert import TINY, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from swaa.cli import main
+from swaa.app.cli import main
+from swaa.app.demo import default_text_path
+from swaa.app.evaluate import answer
 from swaa.convert import convert_to_hybrid
-from swaa.convert.evaluate import answer
-from swaa.demo import default_text_path
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -203,7 +203,7 @@ def test_eval_reports_perplexity_on_a_text_file(checkpoint, tmp_path, capsys):
     # the same number from first principles: each 64-token window scored alone, mean next-token NLL
     from transformers import AutoTokenizer
 
-    from swaa.convert.evaluate import tokenize_text
+    from swaa.app.evaluate import tokenize_text
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     ids = tokenize_text(AutoTokenizer.from_pretrained(checkpoint), text.read_text(encoding="utf-8"))

@@ -13,7 +13,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 import swaa
 from swaa.layers import FEATURE_MAPS, GatedLinearAttention, LinearAttention
-from swaa.layers.common import tokens_to_keep
+from swaa.layers.host_inputs import tokens_to_keep
 
 SHAPE = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 KW = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)

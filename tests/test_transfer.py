@@ -156,7 +156,7 @@ def test_the_trained_hybrid_still_generates_with_and_without_cache():
     "kwargs, err, words",
     [
         (dict(steps=0), ValueError, "steps"),
-        (dict(steps=2.5), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),  # a wrong type is a TypeError, as everywhere in swaa
         (dict(lr=0.0), ValueError, "lr"),
         (dict(lr=float("nan")), ValueError, "lr"),
         (dict(train="some"), ValueError, "train"),

@@ -1,23 +1,40 @@
-"""Pretrained model -> hybrid: conversion, registered hybrid classes, loading, evaluation.
+"""Pretrained model -> hybrid: the conversion record, convert_to_hybrid, the registered hybrid classes,
+attention transfer.
 
-Importing this package registers the hybrid classes with transformers' Auto classes (see
-:mod:`swaa.convert.config`), so a saved hybrid loads with ``AutoModelForCausalLM.from_pretrained``.
+Rooms: ``record`` (what a conversion writes into the config, and the layer selection language),
+``swap`` (building the linear modules and putting them in place), ``hybrid`` (:func:`convert_to_hybrid`),
+``registry`` (the ``swaa_<family>`` classes of the Auto classes), ``transfer`` (attention transfer) with
+``transfer_options`` (its defaults and checks, torch-free), ``windows`` (a running text as token windows).
+
+Names are re-exported lazily, so the torch-free rooms (``record``, ``transfer_options``) stay cheap.
 """
 
-from swaa.convert.config import register_hybrid_classes
-from swaa.convert.families import FAMILIES, supported_families
-from swaa.convert.hybrid import KINDS, convert_to_hybrid, hybrid_record, parse_linear_layers
-from swaa.convert.transfer import attention_transfer
+from __future__ import annotations
 
-register_hybrid_classes()
+import importlib
 
-__all__ = [
-    "FAMILIES",
-    "KINDS",
-    "attention_transfer",
-    "convert_to_hybrid",
-    "hybrid_record",
-    "parse_linear_layers",
-    "register_hybrid_classes",
-    "supported_families",
-]
+_EXPORTS = {
+    "convert_to_hybrid": "swaa.convert.hybrid",
+    "KINDS": "swaa.convert.record",
+    "hybrid_record": "swaa.convert.record",
+    "parse_linear_layers": "swaa.convert.record",
+    "register_hybrid_classes": "swaa.convert.registry",
+    "attention_transfer": "swaa.convert.transfer",
+    "FAMILIES": "swaa.families",
+    "supported_families": "swaa.families",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swaa.convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

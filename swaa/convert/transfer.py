@@ -11,57 +11,20 @@ small model; a fine-tune of the whole hybrid can follow.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from swaa.convert.evaluate import check_windows
+from swaa.convert.record import hybrid_record
+from swaa.convert.transfer_options import DEFAULT_LR, DEFAULT_STEPS, check_transfer_options
+from swaa.convert.windows import split_windows
+from swaa.layers import GatedLinearAttention, LinearAttention
 
-__all__ = ["PRETRAINED_PARTS", "attention_transfer", "check_transfer_options", "split_windows"]
+__all__ = ["PRETRAINED_PARTS", "attention_transfer"]
 
 # the parts of a converted layer copied from the softmax attention (the rest is new)
 PRETRAINED_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
-TRAIN_CHOICES = ("all", "new")
-
-
-def split_windows(input_ids, window: int = 512, max_windows: int | None = None) -> torch.Tensor:
-    """``input_ids`` as windows ``[num_windows, T]``: a running text ``[N]`` cut into ``window``-token
-    windows (the rest dropped), or rows given as they are; at most ``max_windows``."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids must be an int64/int32 tensor, got {type(input_ids).__name__}")
-    check_windows(window, max_windows)
-    if input_ids.dim() == 1:
-        if input_ids.numel() < window:
-            raise ValueError(f"input_ids: need at least window={window} tokens, got {input_ids.numel()}")
-        windows = input_ids[: input_ids.numel() // window * window].view(-1, window)
-    elif input_ids.dim() == 2:
-        if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
-            raise ValueError(
-                f"input_ids: need at least one window of 2 or more tokens, got {list(input_ids.shape)}"
-            )
-        windows = input_ids
-    else:
-        raise ValueError(f"input_ids must be [N] or [num_windows, T], got shape {tuple(input_ids.shape)}")
-    return windows[:max_windows] if max_windows is not None else windows
-
-
-def check_transfer_options(steps=300, lr=1e-3, train="all", batch_size=1) -> None:
-    """Refuse bad scalar options of :func:`attention_transfer` (also used by the CLI and the demo
-    before they load any weights)."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if train not in TRAIN_CHOICES:
-        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _check(teacher, student):
-    from swaa.convert.hybrid import hybrid_record
-    from swaa.layers import GatedLinearAttention, LinearAttention
-
     record = hybrid_record(student.config)
     if not record or not record["linear_layers"]:
         raise ValueError("student must be a hybrid with converted layers (see swaa.convert_to_hybrid)")
@@ -140,8 +103,8 @@ def attention_transfer(
     input_ids: torch.Tensor,
     window: int = 512,
     max_windows: int | None = None,
-    steps: int = 300,
-    lr: float = 1e-3,
+    steps: int = DEFAULT_STEPS,
+    lr: float = DEFAULT_LR,
     train: str = "all",
     batch_size: int = 1,
     record_device=None,

@@ -2,6 +2,10 @@
 
 ``model.model.layers[i].self_attn = GatedLinearAttention(model.config, i)`` replaces the softmax
 attention of layer ``i`` of a Qwen3, Qwen2, Llama or Mistral model.
+
+Rooms: ``base`` (the forward every layer shares), one file per attention class, ``shape`` (what the
+replaced attention looks like, from the config and ``swaa.families``), ``host_inputs`` (masks, packing
+and the cache argument as transformers passes them), ``modules`` (RMSNorm, RoPE), ``feature_maps``.
 """
 
 from swaa.layers.feature_maps import FEATURE_MAPS

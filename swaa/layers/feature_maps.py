@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from swaa.kernels import HALF_DTYPES
+
 FEATURE_MAPS = ("identity", "elu", "relu", "softmax", "hedgehog")
 
 
@@ -26,7 +28,7 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     # bf16, and softmax's backward, p * (g - <p, g>), subtracts the nearly equal parts of that gradient
     # (the features are close to uniform), which multiplied the rounding error of the keys' gradient
     # ~10x (2.6e-2 relative to float64 in bf16, 5e-3 with float32 features). float64 stays float64.
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in HALF_DTYPES:
         return torch.softmax(x.float(), dim=-1)
     return torch.softmax(x, dim=-1)
 

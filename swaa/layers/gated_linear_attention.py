@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swaa import kernels
-from swaa.layers.common import RecurrentAttentionBase, check_positive_int, check_positive_number
+from swaa.layers.base import RecurrentAttentionBase
+from swaa.validation import check_int, check_number
 
 GATES = ("low_rank", "from_keys")
 
@@ -23,14 +24,34 @@ class GatedLinearAttention(RecurrentAttentionBase):
     r"""Gated linear attention that replaces the attention module of a Qwen3, Qwen2, Llama or Mistral model.
 
     ``model.model.layers[i].self_attn = GatedLinearAttention(model.config, i)`` works in forward, training
-    and ``generate()``; see :class:`swaa.layers.LinearAttention` for the call, the projections copied
-    from the source attention, and how the state lives in the cache (applying the swaa cache patch on
-    first use with a cache).
+    and ``generate()``; the projections ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (and
+    ``q_norm``/``k_norm`` for Qwen3) have the names, shapes and biases of the replaced attention, and the
+    recurrent state lives in the host's cache (the swaa cache patch is applied on use with a cache).
 
     Args:
-        config, layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, attention_bias, qkv_bias,
-        o_bias, qk_norm, rms_norm_eps, use_rope, scale, norm_eps, backend:
-            As for :class:`swaa.layers.LinearAttention`.
+        config (transformers.PretrainedConfig, Optional):
+            The model config; reads ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``,
+            ``head_dim`` (default ``hidden_size // num_attention_heads``), ``attention_bias``,
+            ``rms_norm_eps`` and ``model_type`` (which decides biases and q/k norms). Default: None.
+        layer_idx (int, Optional):
+            Index of the layer in the model; needed to keep the state in a cache. Default: None.
+        hidden_size, num_heads, num_kv_heads, head_dim (int, Optional):
+            Shape keywords; override the config or replace it.
+        attention_bias, qkv_bias, o_bias, qk_norm (bool, Optional):
+            Override the family's bias / q-k norm layout.
+        rms_norm_eps (float, Optional):
+            Epsilon of ``q_norm``/``k_norm``. Default: from the config, else 1e-6.
+        use_rope (bool, Optional):
+            Rotate q and k by the host's ``position_embeddings`` before the feature map. Default: True:
+            the pretrained q/k projections expect rotated products; rotation is skipped when the host
+            passes no ``position_embeddings``.
+        scale (float, Optional):
+            Query scale handed to the kernel. Default: None (``K ** -0.5``, K the feature dim).
+        norm_eps (float, Optional):
+            Epsilon of ``o_norm``. Default: ``rms_norm_eps``.
+        backend (str, Optional):
+            ``auto`` (FLA on CUDA, torch elsewhere), ``torch`` or ``fla``; passed to the kernel.
+            Default: ``auto``.
         gate (str, Optional):
             How the log-decay ``g [B, T, Hk, K]`` is made:
 
@@ -49,7 +70,8 @@ class GatedLinearAttention(RecurrentAttentionBase):
         gate_logit_normalizer (float, Optional):
             Divides the log-sigmoid; larger keeps decays closer to 1 (longer memory). Default: 16.
         feature_map (str, Optional):
-            As for LinearAttention. Default: ``identity``: with RoPE the products ``q_t . k_s`` are exactly
+            ``identity``, ``elu``, ``relu``, ``softmax`` or ``hedgehog`` (see ``swaa.layers.feature_maps``).
+            Default: ``identity``: with RoPE the products ``q_t . k_s`` are exactly
             the pretrained attention logits (before softmax), which the gates then decay.
         output_norm (bool, Optional):
             RMSNorm over each head's output (``o_norm``, weight 1 at init). Default: True: the state is an
@@ -61,24 +83,64 @@ class GatedLinearAttention(RecurrentAttentionBase):
     State in the cache: ``[B, H, K, V]``, float32 for half/float32 activations, float64 for float64.
     """
 
-    _OPTIONS = {
-        "gate": "low_rank",
-        "gate_low_rank_dim": 16,
-        "gate_logit_normalizer": 16.0,
-        "feature_map": "identity",
-        "output_norm": True,
-    }
-
-    def __init__(self, config=None, layer_idx: int | None = None, **overrides):
-        super().__init__(config, layer_idx, **overrides)
-        if self.gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        check_positive_number("gate_logit_normalizer", self.gate_logit_normalizer)
+    def __init__(
+        self,
+        config=None,
+        layer_idx: int | None = None,
+        *,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        attention_bias: bool | None = None,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        qk_norm: bool | None = None,
+        rms_norm_eps: float | None = None,
+        gate: str = "low_rank",
+        gate_low_rank_dim: int = 16,
+        gate_logit_normalizer: float = 16.0,
+        feature_map: str = "identity",
+        use_rope: bool = True,
+        scale: float | None = None,
+        output_norm: bool = True,
+        output_gate: bool = False,
+        norm_eps: float | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            config,
+            layer_idx,
+            shape=dict(
+                hidden_size=hidden_size,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                attention_bias=attention_bias,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                qk_norm=qk_norm,
+                rms_norm_eps=rms_norm_eps,
+            ),
+            feature_map=feature_map,
+            use_rope=use_rope,
+            scale=scale,
+            output_norm=output_norm,
+            output_gate=output_gate,
+            norm_eps=norm_eps,
+            backend=backend,
+        )
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.gate = gate
+        self.gate_logit_normalizer = check_number(
+            "gate_logit_normalizer", gate_logit_normalizer, positive=True
+        )
+        self.gate_low_rank_dim = check_int("gate_low_rank_dim", gate_low_rank_dim, minimum=1)
         # key features per head after the feature map (hedgehog doubles them)
-        self.key_feature_dim = 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
-        if self.gate == "low_rank":
+        self.key_feature_dim = 2 * self.head_dim if feature_map == "hedgehog" else self.head_dim
+        if gate == "low_rank":
             r = self.gate_low_rank_dim
-            check_positive_int("gate_low_rank_dim", r)
             self.gk_proj = nn.Sequential(
                 nn.Linear(self.hidden_size, r, bias=False),
                 nn.Linear(r, self.num_kv_heads * self.key_feature_dim, bias=True),

@@ -5,7 +5,8 @@ state is ``S_t = S_{t-1} + phi(k_t)^T v_t`` and output ``o_t = phi(q_t) S_t`` (o
 from __future__ import annotations
 
 from swaa import kernels
-from swaa.layers.common import RecurrentAttentionBase
+from swaa.layers.base import RecurrentAttentionBase
+from swaa.validation import check_bool
 
 
 class LinearAttention(RecurrentAttentionBase):
@@ -61,7 +62,52 @@ class LinearAttention(RecurrentAttentionBase):
     ``kv_state``; float32 for half/float32 activations, float64 for float64.
     """
 
-    _OPTIONS = {"feature_map": "softmax", "normalize": True}
+    def __init__(
+        self,
+        config=None,
+        layer_idx: int | None = None,
+        *,
+        hidden_size: int | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        attention_bias: bool | None = None,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        qk_norm: bool | None = None,
+        rms_norm_eps: float | None = None,
+        feature_map: str = "softmax",
+        normalize: bool = True,
+        use_rope: bool = True,
+        scale: float | None = None,
+        output_norm: bool = False,
+        output_gate: bool = False,
+        norm_eps: float | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__(
+            config,
+            layer_idx,
+            shape=dict(
+                hidden_size=hidden_size,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_dim,
+                attention_bias=attention_bias,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                qk_norm=qk_norm,
+                rms_norm_eps=rms_norm_eps,
+            ),
+            feature_map=feature_map,
+            use_rope=use_rope,
+            scale=scale,
+            output_norm=output_norm,
+            output_gate=output_gate,
+            norm_eps=norm_eps,
+            backend=backend,
+        )
+        self.normalize = check_bool("normalize", normalize)
 
     def _mix(self, q, k, v, g, initial_state, output_final_state, cu_seqlens=None):
         return kernels.linear_attn(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 
-from swaa.convert.families import FAMILIES, Family
+from swaa.convert.record import RECORD_KEY
+from swaa.convert.swap import apply_record
+from swaa.families import FAMILIES, Family
 
 __all__ = ["hybrid_classes", "register_hybrid_classes"]
 
@@ -21,8 +23,6 @@ _registered = False
 
 
 def _make_classes(family: Family) -> tuple[type, type]:
-    from swaa.convert.hybrid import RECORD_KEY, apply_record
-
     base_config = family.load_config_class()
     base_model = family.load_causal_lm_class()
     config_name = f"Swaa{base_config.__name__}"

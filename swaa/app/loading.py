@@ -24,12 +24,12 @@ class Source:
     """Where a model comes from.
 
     Args:
-        kind (str): ``"folder"``, ``"gguf"`` or ``"hub"``.
+        format (str): ``"folder"``, ``"gguf"`` or ``"hub"``.
         location (str): the folder (for ``"gguf"``: the folder holding the file) or the hub id.
         gguf_file (str | None): file name inside ``location`` for ``"gguf"``, else None.
     """
 
-    kind: str
+    format: str
     location: str
     gguf_file: str | None = None
 
@@ -109,7 +109,7 @@ def _gguf_requirements():
 def _wrap_load_error(source: Source, what: str, err: Exception) -> Exception:
     # transformers' messages run over many lines; the first one says what went wrong
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if source.kind == "hub":
+    if source.format == "hub":
         return OSError(
             f"could not load the {what} of hub id {source.location!r} (no network or no such repo?): {first}"
         )
@@ -130,11 +130,12 @@ def load_model(source: Source | str, dtype=None):
     """
     from transformers import AutoModelForCausalLM
 
-    import swaa.convert  # noqa: F401  (registers the hybrid classes with the Auto classes)
+    from swaa.convert import register_hybrid_classes
 
+    register_hybrid_classes()
     if not isinstance(source, Source):
         source = resolve_source(source)
-    if source.kind == "gguf":
+    if source.format == "gguf":
         _gguf_requirements()
     args, kwargs = source.from_pretrained_args()
     if dtype is not None:
@@ -143,7 +144,7 @@ def load_model(source: Source | str, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(*args, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise _wrap_load_error(source, "model", err) from err
-    if source.kind == "gguf":
+    if source.format == "gguf":
         _forget_gguf_quantization(model)
     return model.eval()
 
@@ -169,9 +170,9 @@ def load_tokenizer(source: Source | str):
 
     if not isinstance(source, Source):
         source = resolve_source(source)
-    if source.kind == "gguf":
+    if source.format == "gguf":
         _gguf_requirements()
-    if source.kind == "folder" and not any((Path(source.location) / f).is_file() for f in _TOKENIZER_FILES):
+    if source.format == "folder" and not any((Path(source.location) / f).is_file() for f in _TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer from the model type alone
         raise OSError(f"no tokenizer in {source.location} (none of {', '.join(_TOKENIZER_FILES)})")
     args, kwargs = source.from_pretrained_args()

@@ -1,0 +1,32 @@
+"""The application's defaults, in one place: what ``swaa convert``, ``swaa demo`` and the demo function
+use when a flag or argument is not given. The conversion API's own defaults stay with its functions
+(:func:`swaa.convert.attention_transfer`'s steps and learning rate are imported from there)."""
+
+from __future__ import annotations
+
+from swaa.convert.transfer_options import DEFAULT_LR as TRANSFER_LR
+from swaa.convert.transfer_options import DEFAULT_STEPS as TRANSFER_STEPS
+
+__all__ = [
+    "CACHE_TOKENS",
+    "DEMO_LINEAR_LAYERS",
+    "DEMO_MAX_WINDOWS",
+    "DEMO_PROMPT",
+    "DEMO_WINDOW",
+    "TRANSFER_LR",
+    "TRANSFER_STEPS",
+    "TRANSFER_WINDOW",
+    "TRANSFER_WINDOWS",
+]
+
+# attention transfer from a text file: windows of this many tokens, this many of them
+TRANSFER_WINDOW = 512
+TRANSFER_WINDOWS = 16
+
+# the demo: the last 4 layers become GLA with the layer defaults (README, "The demo", says why and what
+# the other choices measured); perplexity over 8 windows of 512 tokens; cache size at 4096 tokens
+DEMO_LINEAR_LAYERS = "last:4"
+DEMO_WINDOW = 512
+DEMO_MAX_WINDOWS = 8
+DEMO_PROMPT = "What is the capital of France?"
+CACHE_TOKENS = 4096
