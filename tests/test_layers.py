@@ -403,3 +403,42 @@ def test_bf16_gradients_of_softmax_feature_maps_stay_close_to_float64(feature_ma
         grads.append({"x": xi.grad, **{n: p.grad for n, p in lay.named_parameters()}})
     for name, g64 in grads[1].items():
         assert _rel(grads[0][name], g64) < 2e-2, name
+
+
+@pytest.mark.parametrize("cls", [LinearAttention, GatedLinearAttention])
+def test_a_layer_reapplies_the_cache_patch_after_an_unhack(cls):
+    # the layer asks swaa.cache whether the patch is in place at every forward with a cache: a model keeps
+    # decoding after someone else unhacks, in this thread and in another one
+    from swaa.cache import hack_kv_cache_recurrent_state, is_hacked, unhack_kv_cache_recurrent_state
+
+    layer = make(cls)
+    x, pos = torch.randn(1, 5, 32, dtype=torch.float64), rope(1, 5)
+    was = is_hacked()
+    try:
+        hack_kv_cache_recurrent_state()
+        first, _ = layer(x, past_key_values=DynamicCache(), position_embeddings=pos)
+        unhack_kv_cache_recurrent_state()
+        again, _ = layer(x, past_key_values=DynamicCache(), position_embeddings=pos)
+        assert is_hacked()
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+        unhack_kv_cache_recurrent_state()
+        results = {}
+
+        def run():
+            cache = DynamicCache()
+            results["out"] = layer(x, past_key_values=cache, position_embeddings=pos)[0]
+            results["tokens"] = cache.get_seq_length(0)
+
+        import threading
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        torch.testing.assert_close(results["out"], first, rtol=0, atol=0)
+        assert results["tokens"] == 5
+    finally:
+        if not was:
+            unhack_kv_cache_recurrent_state()
+        else:
+            hack_kv_cache_recurrent_state()

@@ -24,9 +24,6 @@ from swaa.validation import check_bool, check_int, check_number
 
 __all__ = ["RecurrentAttentionBase"]
 
-# dtypes FLA's fused gated norm takes
-_FLA_NORM_DTYPES = (*kernels.HALF_DTYPES, torch.float32)
-
 
 def ensure_cache_patch() -> None:
     """Apply the swaa cache patch unless it is in place. Asked of ``swaa.cache`` at every forward with a
@@ -279,7 +276,7 @@ class RecurrentAttentionBase(nn.Module):
             return o if gate is None else o * F.silu(gate)
         fused = (
             kernels.fla_rms_norm_gated()
-            if (gate is not None and o.is_cuda and self.backend != "torch" and o.dtype in _FLA_NORM_DTYPES)
+            if (gate is not None and o.is_cuda and self.backend != "torch" and o.dtype in kernels.FLA_DTYPES)
             else None
         )
         if fused is None:
