@@ -194,6 +194,7 @@ def _cmd_generate(args) -> int:
 
     from swaa.app.evaluate import generate_reply
 
+    _check_generate_flags(args)
     _, model, tokenizer = _load(args.model, args.dtype)
     _maybe_convert(model, args)
     if args.seed is not None:
@@ -203,8 +204,35 @@ def _cmd_generate(args) -> int:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
         kwargs.update(do_sample=False)
-    print(generate_reply(model, tokenizer, args.prompt, chat=args.chat, **kwargs))
+    cache = args.cache
+    if cache == "auto":
+        # on a GPU, a static cache is what lets transformers compile the decode step into CUDA graphs
+        cache = "static" if next(model.parameters()).is_cuda else "dynamic"
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    if args.num_beams == 1:
+        # tokens appear as they are decoded (transformers' streamer cannot follow several beams)
+        from transformers import TextStreamer
+
+        kwargs["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        generate_reply(model, tokenizer, args.prompt, chat=args.chat, **kwargs)
+    else:
+        print(generate_reply(model, tokenizer, args.prompt, chat=args.chat, **kwargs))
     return 0
+
+
+def _check_generate_flags(args) -> None:
+    """The flags of ``swaa generate`` that can be wrong, refused before any weights load."""
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt.strip() and not args.chat:
+        raise ValueError("--prompt is empty; without the chat template there is nothing to continue")
 
 
 def _read_text(path: str | None) -> str:
@@ -364,6 +392,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=_DTYPES)
+    p.add_argument(
+        "--cache",
+        choices=("auto", "dynamic", "static"),
+        default="auto",
+        help="auto (default): a static cache on a GPU, where transformers compiles the decode step into "
+        "CUDA graphs, a dynamic cache elsewhere; static: a preallocated cache everywhere",
+    )
     _add_conversion(p)
     p.set_defaults(func=_cmd_generate)
 
