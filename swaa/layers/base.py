@@ -235,7 +235,13 @@ class RecurrentAttentionBase(nn.Module):
             # and hands float32 gradients back to the maps
             v = v.to(q.dtype)
             g = g.to(q.dtype) if g is not None else None
-        if cu_seqlens is None:
+        if self._steps_in_place(cache, initial_state, cu_seqlens, q, k, v, g):
+            # a decode step on a static cache: the kernel writes the new state over the stored buffer, so
+            # the step allocates no state and keeps its address (what a captured CUDA graph replays)
+            normalize = getattr(self, "normalize", False)
+            o = kernels.decode_step_(q, k, v, g, state=initial_state, scale=self.scale, normalize=normalize)
+            final_state = initial_state
+        elif cu_seqlens is None:
             o, final_state = self._mix(q, k, v, g, initial_state, output_final_state=cache is not None)
         else:
             # packed sequences: one row of B*T tokens, each sequence starting from a zero state
@@ -248,6 +254,19 @@ class RecurrentAttentionBase(nn.Module):
         gate = self.g_proj(hidden_states).view_as(o) if self.output_gate else None
         o = self._output_norm_and_gate(o, gate)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).to(hidden_states.dtype)), None
+
+    def _steps_in_place(self, cache, state, cu_seqlens, *inputs) -> bool:
+        """Whether this forward is a decode step that may update the cached state in place: one token, a
+        state already in a cache layer meant for compiled decode (``is_compileable``: a static cache,
+        whose state buffer stays put), the default backend, and no gradient wanted. On a DynamicCache the
+        stored state is the tensor the previous step returned, which a caller may still hold: never
+        overwritten there."""
+        if state is None or cu_seqlens is not None or inputs[0].shape[1] != 1 or self.backend != "auto":
+            return False
+        layers = getattr(cache, "layers", None)
+        if layers is None or not getattr(layers[self.layer_idx], "is_compileable", False):
+            return False
+        return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs))
 
     def _packed_sequences(self, kwargs: dict, cache, batch_size: int, q_len: int) -> torch.Tensor | None:
         """``cu_seqlens`` when several sequences are packed into the time axis, else None.
