@@ -21,6 +21,9 @@ for step in "$@"; do
     layers) cmd=(python3 benchmarks/bench_layers_gpu.py --out "$OUT/layers_gpu_$dev.json") ;;
     # HYBRID_ARGS: extra arguments, e.g. HYBRID_ARGS="--contexts 1024 --variants sdpa_flash,hybrid"
     hybrid) cmd=(python3 benchmarks/bench_hybrid_gpu.py --out "$OUT/hybrid_gpu_$dev.json" ${HYBRID_ARGS:-}) ;;
+    # decode speed, eager vs compiled (issue 10); it starts no case that would end within 60 s of the step's
+    # limit, and writes its JSON after every case. DECODE_ARGS: e.g. DECODE_ARGS="--points 1x1k,64x8k"
+    decode) cmd=(python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu_$dev.json" --budget-s $((limit > 120 ? limit - 60 : limit / 2)) ${DECODE_ARGS:-}) ;;
     # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
     # (every config computes the same thing) and the winners are not written to the shared cache
