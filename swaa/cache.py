@@ -11,13 +11,14 @@ exactly as it was.
 Layer API (every cache layer instance, after the hack):
 
 - ``layer.state_update(recurrent_state, cache_kwargs=None)``: ``None`` returns the current state and
-  changes nothing; a tensor or a tuple of tensors is stored as it is (no copy; it replaces the previous
-  state) and returned. ``cache_kwargs`` entries:
+  changes nothing; a tensor or a tuple of tensors becomes the layer's state and the stored state is
+  returned. How it is stored depends on the layer (see "Two ways to store a state" below). ``cache_kwargs``
+  entries:
 
-  - ``"num_new_tokens": n`` adds ``n`` to the number of positions the layer has absorbed (padding
-    included, exactly as the key length of a softmax layer counts them). A layer that holds no keys
-    answers ``get_seq_length()`` and ``get_mask_sizes()`` with that count, so a model whose layer 0 is
-    linear keeps correct positions and masks.
+  - ``"num_new_tokens": n`` (an int, or a SymInt while ``torch.compile`` traces) adds ``n`` to the number
+    of positions the layer has absorbed (padding included, exactly as the key length of a softmax layer
+    counts them). A layer that holds no keys answers ``get_seq_length()`` and ``get_mask_sizes()`` with
+    that count, so a model whose layer 0 is linear keeps correct positions and masks.
   - ``"init_state": True`` also records ``layer.recurrent_dtype`` and ``layer.recurrent_device`` (from
     the first tensor of a tuple).
 - ``layer.get_recurrent_state()`` (None when empty), ``layer.set_recurrent_state(state)`` (``None``
@@ -36,6 +37,42 @@ Cache API (``Cache`` and every subclass):
   ``cache.is_recurrent_state_initialized(layer_idx)`` (False for a missing layer).
 - ``cache.update(k, v, layer_idx, {"recurrent_state": s})`` stores ``s`` on that layer.
 
+Two ways to store a state:
+
+- Dynamic layers (``DynamicLayer``, sliding, quantized, ... : everything not listed next) store the
+  object passed in, as it is (no copy; it replaces the previous state), and count tokens in a Python int.
+- Layers meant for compiled decode (transformers' ``StaticLayer`` family, which ``StaticCache`` is made
+  of, and transformers' own linear-attention layers) keep the state in one buffer per tensor, allocated at
+  the first ``state_update`` (an eager prefill) and marked with ``torch._dynamo.mark_static_address``.
+  Every later ``state_update`` copies into it (nothing at all when the state passed *is* the buffer, e.g.
+  an in-place kernel wrote it) and returns the buffer; a state of another shape, dtype or device gets a
+  new buffer. ``reorder_cache`` and ``reset`` (which zeroes it) work in place, so ``data_ptr()`` never
+  changes and a decode step allocates nothing (CUDA graphs can replay it). The token count is a 0-dim
+  int64 tensor next to the state, so ``get_seq_length()`` of a state-only layer is a tensor (a copy: the
+  counter itself moves in place), as it is for transformers' own ``StaticLayer``, and a ``torch.compile``'d decode step neither guards on it nor
+  recompiles for a new cache. (Sliding-window static layers size their masks from a Python int, in
+  transformers as here: they recompile as transformers' own sliding layers do.)
+- A state-only static layer allocates no keys: ``StaticLayer`` allocates its ``max_cache_len`` key and
+  value buffers at its first ``update``, which a layer that only calls ``state_update`` never makes.
+  (transformers' ``early_initialization`` allocates them for every static layer it is given; it runs for
+  ``generate(prefill_chunk_size=...)`` and export. Layers built from ``config.layer_types`` entries
+  ``"linear_attention"``, transformers' own ``LinearAttentionLayer``, never hold keys.)
+- A static layer (not a sliding one) holds at most ``max_cache_len`` positions: an ``update`` or a
+  ``state_update`` that would go past it raises ValueError naming ``max_cache_len`` and changes nothing
+  (transformers itself raises an IndexError from ``index_copy_`` after moving its length, or a
+  device-side assert on CUDA). The check runs in eager calls only; on 5.x it costs no device sync (the
+  patch keeps a Python copy of the length, read again once after compiled steps), on 4.57 it reads the
+  ``cache_position`` tensor the layers of a forward share once.
+- Batch size: a static layer cannot change it (transformers gives ``StaticLayer`` no
+  ``batch_repeat_interleave`` / ``batch_select_indices``, its key buffers being fixed): the patch adds both
+  to it as a RuntimeError that says so, and ``cache.batch_repeat_interleave`` / ``batch_select_indices``
+  check every layer before touching any. Expand or select the batch before the prefill into a new
+  ``StaticCache`` (``generate()`` expands its inputs before prefill). On transformers' own
+  linear-attention layers (no keys) a selection keeping the batch size works in place; one that changes
+  it, and ``batch_repeat_interleave(n > 1)``, put the state in a new static buffer of the new batch size
+  (a compiled graph sees a new input; a new batch size recompiles anyway). ``offload`` / ``prefetch``
+  move the buffer, as they move the keys.
+
 Beyond the API:
 
 - The state follows ``reorder_cache`` (beam search), ``batch_repeat_interleave``,
@@ -49,15 +86,16 @@ Beyond the API:
   patch applies to caches created before it.
 
 transformers >= 5.5 native linear-attention layers (``LinearAttentionCacheLayerMixin`` family, with
-their ``recurrent_states`` dict): the swaa state of such a layer *is* their state slot 0.
-``state_update(x)`` puts ``x`` itself into ``recurrent_states[0]`` and marks it initialized and
-``has_previous_state[0]``; ``get_recurrent_state()`` reads slot 0 with transformers' own rule (None until
-``has_previous_state[0]``), so a state written by native code through ``update_recurrent_state`` is
-visible through the swaa API and the other way round. A native write into a slot that holds a swaa state
-first detaches it, so transformers' in-place ``copy_`` never writes into a tensor the caller handed over,
-and ``reset`` drops a swaa state instead of zeroing the caller's tensor. ``cache.get_recurrent_state(i,
-state_idx)`` with ``state_idx`` other than 0 is answered by transformers' own method. While hacked, the
-native layers also get ``batch_repeat_interleave`` / ``batch_select_indices`` for all their states.
+their ``recurrent_states`` dict): the swaa state of such a layer *is* their state slot 0, a buffer as
+above (a tuple state gets one buffer per tensor). ``state_update(x)`` copies ``x`` into
+``recurrent_states[0]`` and marks it initialized and ``has_previous_state[0]``; ``get_recurrent_state()``
+reads slot 0 with transformers' own rule (None until ``has_previous_state[0]``), so a state written by
+native code through ``update_recurrent_state`` is visible through the swaa API and the other way round
+(native code writes into the same buffer when its tensor has the buffer's layout). ``reset`` zeroes the
+buffer. ``cache.get_recurrent_state(i, state_idx)`` with ``state_idx`` other than 0 is answered by
+transformers' own method, and ``cache.get_seq_length(i)`` of a native layer that counted tokens is that
+count (transformers would refuse). While hacked, the native layers also get ``batch_repeat_interleave`` /
+``batch_select_indices`` for all their states.
 
 Example::
 
@@ -85,6 +123,7 @@ from __future__ import annotations
 import functools
 import numbers
 import threading
+import weakref
 
 import torch
 from transformers import cache_utils as _cu
@@ -102,16 +141,32 @@ __all__ = [
 # that allocates millions of layer objects.
 MAX_LAZY_LAYERS = 4096
 
-# instance attributes the patch keeps on a layer (plain layers; native layers keep the state in slot 0)
+# instance attributes the patch keeps on a layer (native layers keep the state itself in slot 0)
 _STATE = "_swaa_recurrent_state"
+# absorbed tokens: a Python int on dynamic layers, a 0-dim int64 tensor (static address) on buffered ones
 _COUNT = "_swaa_num_tokens"
+# buffered layers: the count as a Python int for eager checks (None once compiled steps moved the tensor);
+# kept live on layers whose mask formula reads a Python int (sliding windows)
+_COUNT_INT = "_swaa_num_tokens_int"
+# 5.x static layers: their `cumulative_length` tensor as a Python int for eager checks (None: read it again)
+_KV_END = "_swaa_kv_end"
 _HOME = "_swaa_state_device"
 _OWNS_SLOT0 = "_swaa_owns_slot0"
 
 _NATIVE = getattr(_cu, "LinearAttentionCacheLayerMixin", None)
+_STATIC = _cu.StaticLayer
+# layers meant for compiled decode keep their state in one static buffer
+_BUFFERED = tuple(cls for cls in (_STATIC, _NATIVE) if cls is not None)
 _LAYER_ROOTS = tuple(
     cls for cls in (_cu.CacheLayerMixin, _NATIVE, getattr(_cu, "DummyLayer", None)) if cls is not None
 )
+# the layer attribute that `Cache.max_batch_size` (4.57) or `Cache.batch_size` (5.x) reads; a state-only
+# static layer never runs the key allocation that sets it
+_BATCH_ATTR = (
+    "max_batch_size" if isinstance(getattr(_cu.Cache, "max_batch_size", None), property) else "batch_size"
+)
+# Python-int token counters some layers size their masks from (sliding windows)
+_INT_COUNTERS = ("cumulative_length", "cumulative_length_int")
 _MISSING = object()
 
 _lock = threading.RLock()
@@ -119,6 +174,9 @@ _saved: dict[type, dict[str, object]] = {}  # class -> {attribute name: original
 _hacked = False
 # per-thread reentrancy bookkeeping: a subclass method that calls super() must not move the state twice
 _tls = threading.local()
+# 4.57 static layers write where `cache_position` says: the end of the last positions tensor checked, so the
+# layers of one forward (which share that tensor) read it from the device once
+_positions_seen = (None, None, 0)  # (weakref to the tensor, its version, max + 1)
 
 
 def _guards() -> set:
@@ -133,6 +191,16 @@ def _raw_depth() -> dict:
     if depth is None:
         depth = _tls.raw = {}
     return depth
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _in_raw(layer) -> bool:
+    """Whether a batch method of this layer is running its stock code (which must see the KV length only).
+    Batch methods never run inside a compiled graph, so a compiled call is never inside one."""
+    return not _compiling() and id(layer) in _raw_depth()
 
 
 # validation
@@ -163,7 +231,8 @@ def _check_cache_kwargs(cache_kwargs, has_state: bool) -> None:
         raise TypeError(f"`cache_kwargs` must be a dict or None, got {type(cache_kwargs).__name__}")
     if "num_new_tokens" in cache_kwargs:
         n = cache_kwargs["num_new_tokens"]
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        # a SymInt: a sequence length while torch.compile traces with dynamic shapes
+        if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
             raise TypeError(
                 f"`cache_kwargs['num_new_tokens']` must be an int, got {type(n).__name__} ({n!r})"
             )
@@ -193,38 +262,161 @@ def _state_kwarg(args, kwargs):
     return None
 
 
-# where a layer keeps its state: the one place that knows plain layers from native linear-attention ones
+# capacity of static layers (eager calls only: a compiled graph cannot raise without a device sync)
+
+
+def _is_bounded(layer) -> bool:
+    """A static layer whose positions cannot go past `max_cache_len` (sliding windows roll instead)."""
+    return isinstance(layer, _STATIC) and not getattr(layer, "is_sliding", False)
+
+
+def _full_message(layer, new: int, held: int, what: str) -> str:
+    return (
+        f"cannot add {new} {what} {type(layer).__name__}: it holds {held} of its max_cache_len="
+        f"{layer.max_cache_len} positions, and a static cache cannot grow. Build the cache with a "
+        "max_cache_len of at least the prompt plus the new tokens, or reset() it; nothing was changed"
+    )
+
+
+def _count_int(layer) -> int:
+    """The token count of a buffered layer as a Python int (read from the device after compiled steps)."""
+    value = getattr(layer, _COUNT_INT, None)
+    if value is None:
+        value = int(getattr(layer, _COUNT))
+        setattr(layer, _COUNT_INT, value)
+    return value
+
+
+def _check_state_room(layer, cache_kwargs) -> None:
+    if not cache_kwargs or _compiling() or not _is_bounded(layer):
+        return
+    n = cache_kwargs.get("num_new_tokens")
+    if not n:
+        return
+    held = _count_int(layer) if isinstance(getattr(layer, _COUNT, None), torch.Tensor) else 0
+    if held + n > layer.max_cache_len:
+        raise ValueError(_full_message(layer, n, held, "tokens to the recurrent state of"))
+
+
+def _positions_end(positions: torch.Tensor) -> int:
+    global _positions_seen
+    ref, version, end = _positions_seen
+    try:
+        now = positions._version
+    except RuntimeError:  # an inference tensor has no version counter: read it every time
+        now = None
+    if now is not None and ref is not None and ref() is positions and version == now:
+        return end
+    end = int(positions.max()) + 1 if positions.numel() else 0
+    if now is not None:
+        _positions_seen = (weakref.ref(positions), now, end)
+    return end
+
+
+def _check_kv_room(layer, key_states, args, kwargs):
+    """Raises before a bounded static layer writes past `max_cache_len`; returns the new end of its keys on
+    5.x (kept as `_KV_END`), None on 4.57."""
+    if not isinstance(key_states, torch.Tensor) or key_states.dim() < 3:
+        return None
+    new = key_states.shape[-2]
+    length = getattr(layer, "cumulative_length", None)
+    if isinstance(length, torch.Tensor):  # 5.x: written at cumulative_length + arange(new)
+        start = getattr(layer, _KV_END, None)
+        if start is None:
+            start = int(length)
+        if start + new > layer.max_cache_len:
+            raise ValueError(_full_message(layer, new, start, "tokens to"))
+        return start + new
+    # 4.57: written where `cache_position` says (positions 0 .. new - 1 without one)
+    cache_kwargs = args[0] if args else kwargs.get("cache_kwargs")
+    positions = cache_kwargs.get("cache_position") if isinstance(cache_kwargs, dict) else None
+    end = _positions_end(positions) if isinstance(positions, torch.Tensor) else new
+    if end > layer.max_cache_len:
+        raise ValueError(_full_message(layer, new, max(end - new, 0), "tokens to"))
+    return None
+
+
+# where a layer keeps its state: the one place that knows plain layers from native linear-attention ones,
+# and buffered (static) layers from dynamic ones
 
 
 def _is_native(layer) -> bool:
     return _NATIVE is not None and isinstance(layer, _NATIVE)
 
 
+def _is_buffered(layer) -> bool:
+    return isinstance(layer, _BUFFERED)
+
+
+def _tensors(state) -> tuple:
+    return state if isinstance(state, tuple) else (state,)
+
+
+def _same_layout(a, b) -> bool:
+    if isinstance(a, tuple) != isinstance(b, tuple):
+        return False
+    ta, tb = _tensors(a), _tensors(b)
+    if len(ta) != len(tb):
+        return False
+    for x, y in zip(ta, tb):
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.shape != y.shape
+            or x.dtype != y.dtype
+            or x.device != y.device
+        ):
+            return False
+    return True
+
+
+def _mark_static(t: torch.Tensor) -> torch.Tensor:
+    # not while dynamo traces (as transformers does): a buffer is meant to be allocated in eager prefill
+    if not _compiling():
+        torch._dynamo.mark_static_address(t)
+    return t
+
+
+def _new_buffer(src: torch.Tensor) -> torch.Tensor:
+    """A static buffer holding a copy of `src` (never `src` itself: the caller keeps its tensor)."""
+    return _mark_static(src.clone(memory_format=torch.contiguous_format))
+
+
 def _read(layer):
+    """The state the layer holds, or None."""
     if _is_native(layer):
         # transformers' own rule: a slot is meaningful once `has_previous_state` says so
         if layer.has_previous_state.get(0) and layer.is_recurrent_states_initialized.get(0):
             return layer.recurrent_states.get(0)
         return None
-    return layer.__dict__.get(_STATE)
+    state = getattr(layer, _STATE, None)
+    if state is None or not getattr(layer, "recurrent_state_initialized", False):
+        return None  # (a buffered layer keeps its zeroed buffer after `reset`)
+    return state
 
 
 def _owned(layer):
-    """The state the patch put there (what it must move in batch operations), or None."""
+    """What the patch must move in batch operations (a buffer even while it holds no state), or None."""
     if _is_native(layer):
-        return layer.recurrent_states.get(0) if layer.__dict__.get(_OWNS_SLOT0) else None
-    return layer.__dict__.get(_STATE)
+        return layer.recurrent_states.get(0) if getattr(layer, _OWNS_SLOT0, False) else None
+    return getattr(layer, _STATE, None)
 
 
-def _put(layer, state) -> None:
+def _place(layer, state) -> None:
+    """Puts `state` where the layer keeps it, without saying whether it holds a state."""
     if _is_native(layer):
         layer.recurrent_states[0] = state
         layer.is_recurrent_states_initialized[0] = True
-        layer.has_previous_state[0] = True
-        layer.__dict__[_OWNS_SLOT0] = True
+        setattr(layer, _OWNS_SLOT0, True)
     else:
-        layer.__dict__[_STATE] = state
-        layer.recurrent_state_initialized = True
+        setattr(layer, _STATE, state)
+
+
+def _set_holds_state(layer, holds: bool) -> None:
+    if _is_native(layer):
+        if holds or 0 in layer.has_previous_state:
+            layer.has_previous_state[0] = holds
+    else:
+        layer.recurrent_state_initialized = holds
 
 
 def _detach_native_slot(layer) -> None:
@@ -235,48 +427,90 @@ def _detach_native_slot(layer) -> None:
 
 
 def _drop(layer) -> None:
-    if _is_native(layer):
-        if layer.__dict__.get(_OWNS_SLOT0):
-            _detach_native_slot(layer)
-        if 0 in layer.has_previous_state:
-            layer.has_previous_state[0] = False
-    else:
+    """Clears the state; a buffered layer keeps its buffer for the next one."""
+    _set_holds_state(layer, False)
+    if not _is_buffered(layer):
         layer.__dict__.pop(_STATE, None)
-        layer.recurrent_state_initialized = False
-    layer.__dict__.pop(_HOME, None)
+        layer.__dict__.pop(_HOME, None)
 
 
-def _store(layer, state, cache_kwargs) -> None:
-    first = state[0] if isinstance(state, tuple) else state
-    _put(layer, state)
-    # where the state lives, so `prefetch` can bring it back after `offload`
-    layer.__dict__[_HOME] = first.device
+def _write_buffer(layer, state):
+    """Copies `state` into the layer's buffer (allocated here the first time, or for a new layout)."""
+    if _is_native(layer):
+        current = layer.recurrent_states.get(0) if layer.is_recurrent_states_initialized.get(0) else None
+    else:
+        current = getattr(layer, _STATE, None)
+    if current is not None and _same_layout(current, state):
+        for dst, src in zip(_tensors(current), _tensors(state)):
+            if dst is not src:  # an in-place kernel may have written the buffer itself
+                dst.copy_(src)
+        buffer = current
+    else:
+        buffer = tuple(_new_buffer(t) for t in state) if isinstance(state, tuple) else _new_buffer(state)
+        first = _tensors(buffer)[0]
+        setattr(layer, _HOME, first.device)
+        if isinstance(layer, _STATIC) and not layer.is_initialized and first.dim() > 0:
+            setattr(layer, _BATCH_ATTR, first.shape[0])
+        count = getattr(layer, _COUNT, None)
+        if not isinstance(count, torch.Tensor) or count.device != first.device:
+            # allocated with the first buffer, in eager prefill, so that it is a static address too
+            start = 0 if count is None else count
+            setattr(
+                layer, _COUNT, _mark_static(torch.as_tensor(start, dtype=torch.int64, device=first.device))
+            )
+            if not _compiling():
+                setattr(layer, _COUNT_INT, int(start))
+    _place(layer, buffer)
+    return buffer
+
+
+def _count_tokens(layer, n) -> None:
+    count = getattr(layer, _COUNT, None)
+    if isinstance(count, torch.Tensor):
+        if isinstance(n, int) and n == 0:
+            return
+        count.add_(n)
+        if any(_is_int(getattr(layer, name, None)) for name in _INT_COUNTERS):
+            # its masks are sized from a Python int, as transformers' own sliding layers are
+            setattr(layer, _COUNT_INT, _count_int(layer) + n)
+        elif _compiling():
+            setattr(layer, _COUNT_INT, None)  # read from the device at the next eager check
+        else:
+            setattr(layer, _COUNT_INT, _count_int(layer) + int(n))
+    elif n:
+        layer.__dict__[_COUNT] = (count or 0) + int(n)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _store(layer, state, cache_kwargs):
+    """Stores `state` (as it is, or copied into the layer's buffer) and returns what is stored."""
+    if _is_buffered(layer):
+        state = _write_buffer(layer, state)
+    else:
+        _place(layer, state)
+        # where the state lives, so `prefetch` can bring it back after `offload`
+        layer.__dict__[_HOME] = _tensors(state)[0].device
+    _set_holds_state(layer, True)
     if cache_kwargs:
         if cache_kwargs.get("init_state"):
+            first = _tensors(state)[0]
             layer.recurrent_dtype = first.dtype
             layer.recurrent_device = first.device
         n = cache_kwargs.get("num_new_tokens")
-        if n:
-            layer.__dict__[_COUNT] = layer.__dict__.get(_COUNT, 0) + int(n)
+        if n is not None:
+            _count_tokens(layer, n)
+    return state
 
 
 def _map_state(state, fn):
     if isinstance(state, tuple):
-        return tuple(fn(t) for t in state)
+        moved = tuple(fn(t) for t in state)
+        # in place on every tensor: the same tuple object, as for a single buffer
+        return state if all(a is b for a, b in zip(moved, state)) else moved
     return fn(state)
-
-
-def _kv_length(layer):
-    """What the stock `get_seq_length` says, ignoring the token count of the patch."""
-    depth = _raw_depth()
-    key = id(layer)
-    depth[key] = depth.get(key, 0) + 1
-    try:
-        return layer.get_seq_length()
-    finally:
-        depth[key] -= 1
-        if not depth[key]:
-            del depth[key]
 
 
 # methods added to every layer class
@@ -287,22 +521,25 @@ def _layer_state_update(self, recurrent_state, cache_kwargs=None):
 
     Args:
         recurrent_state (`torch.Tensor` or tuple of tensors or None):
-            The new state, stored as it is (no copy; it replaces the previous one), e.g. `[B, H, K, V]` or
-            `(kv_state [B, H, K, V], z_state [B, H, K])`. None returns the current state and changes nothing.
+            The new state, e.g. `[B, H, K, V]` or `(kv_state [B, H, K, V], z_state [B, H, K])`; it replaces the
+            previous one. A dynamic layer stores the object itself (no copy); a static or native linear-attention
+            layer copies it into its static buffer (one per tensor). None returns the current state and changes
+            nothing.
         cache_kwargs (`dict`, *optional*):
-            `"num_new_tokens": n` adds `n` absorbed positions to the layer's count; `"init_state": True` records
-            `recurrent_dtype` and `recurrent_device`. Other keys are ignored. Default: `None`.
+            `"num_new_tokens": n` (int, or SymInt under torch.compile) adds `n` absorbed positions to the layer's
+            count; `"init_state": True` records `recurrent_dtype` and `recurrent_device`. Other keys are ignored.
+            Default: `None`.
 
     Returns:
-        The stored state (None when reading an empty layer).
+        The stored state: the object passed in, or the layer's buffer (None when reading an empty layer).
     """
     if recurrent_state is None:
         _check_cache_kwargs(cache_kwargs, has_state=False)
         return _read(self)
     _check_state(recurrent_state)
     _check_cache_kwargs(cache_kwargs, has_state=True)
-    _store(self, recurrent_state, cache_kwargs)
-    return recurrent_state
+    _check_state_room(self, cache_kwargs)
+    return _store(self, recurrent_state, cache_kwargs)
 
 
 def _layer_get_recurrent_state(self):
@@ -311,13 +548,13 @@ def _layer_get_recurrent_state(self):
 
 
 def _layer_set_recurrent_state(self, state):
-    """Stores `state` as this layer's recurrent state (no copy); None clears it (the token count stays)."""
+    """Stores `state` as this layer's recurrent state, as `state_update` does (no token count); None clears
+    it (the token count stays). Returns what is stored."""
     if state is None:
         _drop(self)
         return None
     _check_state(state, "state")
-    _store(self, state, None)
-    return state
+    return _store(self, state, None)
 
 
 def _layer_is_recurrent_state_initialized(self) -> bool:
@@ -325,9 +562,34 @@ def _layer_is_recurrent_state_initialized(self) -> bool:
     return _read(self) is not None
 
 
+# batch operations that change the batch size cannot keep a static layer's buffers
+_RESIZE_OPS = ("batch_repeat_interleave", "batch_select_indices")
+
+
+def _resize_refusal(layer, op_name: str) -> str:
+    return (
+        f"{type(layer).__name__} cannot {op_name}: a static cache layer keeps its keys, values and recurrent "
+        "state in buffers allocated once, at fixed addresses, for compiled decode, and cannot change its batch "
+        "size. Expand or select the batch before the prefill that fills a new StaticCache (generate() expands "
+        "its inputs before prefill), or use a DynamicCache; reorder_cache (beam search) works in place"
+    )
+
+
+def _static_resize_op(op_name):
+    def method(self, *args, **kwargs):
+        raise RuntimeError(_resize_refusal(self, op_name))
+
+    method.__name__ = op_name
+    method.__qualname__ = f"{_STATIC.__name__}.{op_name}"
+    method.__doc__ = f"Refuses `{op_name}` with a clear message (added by swaa; transformers has none here)."
+    return method
+
+
 def _native_batch_op(op_name):
     def method(self, arg):
-        fn = _BATCH_FNS[op_name](self, arg)
+        if isinstance(self, _STATIC):  # a hybrid with static keys: refuse before any state moves
+            raise RuntimeError(_resize_refusal(self, op_name))
+        fn = _BUFFER_FNS[op_name](self, arg)
         for states, flags in (
             (self.conv_states, self.is_conv_states_initialized),
             (self.recurrent_states, self.is_recurrent_states_initialized),
@@ -343,7 +605,8 @@ def _native_batch_op(op_name):
     method.__name__ = op_name
     method.__qualname__ = f"{_NATIVE.__name__}.{op_name}"
     method.__doc__ = (
-        f"`{op_name}` for every conv and recurrent state of a linear-attention layer (added by swaa)."
+        f"`{op_name}` for every conv and recurrent state of a linear-attention layer (added by swaa): in "
+        "place while the batch size stays, into a new static buffer when it changes."
     )
     # wrapped like the stock methods, so a swaa state in slot 0 is moved once, by the wrapper
     return _wrap_batch(method, op_name)
@@ -351,6 +614,9 @@ def _native_batch_op(op_name):
 
 def _to_device_of(t, idx):
     return idx.to(t.device) if isinstance(idx, torch.Tensor) else idx
+
+
+# batch operations on a state stored as it is: each returns a new tensor
 
 
 def _reorder_fn(layer, beam_idx):
@@ -390,6 +656,56 @@ _BATCH_ARG = {
 }
 
 
+# the same on a buffer: in place (same data_ptr) where the shape stays, a new static buffer where it cannot
+
+
+def _reorder_in_place(layer, beam_idx):
+    def fn(t):
+        t.copy_(t.index_select(0, beam_idx.to(t.device)))
+        return t
+
+    return fn
+
+
+def _select_in_place(layer, indices):
+    def fn(t):
+        picked = t[_to_device_of(t, indices), ...]
+        if picked.shape == t.shape:
+            t.copy_(picked)
+            return t
+        return _mark_static(picked.contiguous())
+
+    return fn
+
+
+def _repeat_buffer(layer, repeats):
+    def fn(t):
+        if repeats == 1:
+            return t
+        return _mark_static(t.repeat_interleave(repeats, dim=0))
+
+    return fn
+
+
+def _prefetch_buffer(layer, _):
+    move = _prefetch_fn(layer, _)
+
+    def fn(t):
+        moved = move(t)
+        return t if moved is t else _mark_static(moved)
+
+    return fn
+
+
+_BUFFER_FNS = {
+    "reorder_cache": _reorder_in_place,
+    "batch_repeat_interleave": _repeat_buffer,
+    "batch_select_indices": _select_in_place,
+    "offload": _offload_fn,
+    "prefetch": _prefetch_buffer,
+}
+
+
 # wrappers around the layer methods transformers already has
 
 
@@ -418,10 +734,11 @@ def _wrap_batch(orig, name):
                 out = orig(self, *args, **kwargs)
             except BaseException:
                 if native:
-                    _put(self, state)
+                    _place(self, state)
                 raise
             if state is not None:
-                _put(self, _map_state(state, _BATCH_FNS[name](self, arg)))
+                fns = _BUFFER_FNS if _is_buffered(self) else _BATCH_FNS
+                _place(self, _map_state(state, fns[name](self, arg)))
         finally:
             guards.discard(key)
             depth[id(self)] -= 1
@@ -441,12 +758,30 @@ def _wrap_reset(orig, name):
             return orig(self, *args, **kwargs)
         guards.add(key)
         try:
-            # a native reset zeroes its buffers in place: the caller's tensor must leave first
-            if _is_native(self) and self.__dict__.get(_OWNS_SLOT0):
+            state = _owned(self)
+            native = state is not None and _is_native(self)
+            # transformers' native reset zeroes slot 0 itself, which fails on a tuple: the patch does it
+            if native:
                 _detach_native_slot(self)
-            out = orig(self, *args, **kwargs)
-            _drop(self)
-            self.__dict__.pop(_COUNT, None)
+            try:
+                out = orig(self, *args, **kwargs)
+            finally:
+                if native:
+                    _place(self, state)
+            if _is_buffered(self):
+                # zeroed in place: the buffers keep their addresses for the next prefill
+                for t in _tensors(state) if state is not None else ():
+                    t.zero_()
+                _set_holds_state(self, False)
+                count = getattr(self, _COUNT, None)
+                if isinstance(count, torch.Tensor):
+                    count.zero_()
+                    setattr(self, _COUNT_INT, 0)
+                if isinstance(self, _STATIC):
+                    setattr(self, _KV_END, None)
+            else:
+                _drop(self)
+                self.__dict__.pop(_COUNT, None)
         finally:
             guards.discard(key)
         return out
@@ -456,6 +791,7 @@ def _wrap_reset(orig, name):
 
 def _crop_refusal(layer) -> str | None:
     count = layer.__dict__.get(_COUNT, 0)
+    count = int(count) if isinstance(count, torch.Tensor) else count
     if _read(layer) is not None or count:
         return (
             f"{type(layer).__name__} holds a recurrent state ({count} absorbed tokens), which cannot be rolled "
@@ -471,7 +807,11 @@ def _wrap_crop(orig, name):
         reason = _crop_refusal(self)
         if reason is not None:
             raise RuntimeError(f"cannot crop: {reason}")
-        return orig(self, *args, **kwargs)
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            if isinstance(self, _STATIC):
+                setattr(self, _KV_END, None)  # crop moved `cumulative_length`
 
     return wrapper
 
@@ -480,21 +820,39 @@ def _wrap_update(orig, name):
     @functools.wraps(orig)
     def wrapper(self, key_states, value_states, *args, **kwargs):
         cache_kwargs = _state_kwarg(args, kwargs)
-        if cache_kwargs is None:
+        bounded = _is_bounded(self)
+        if cache_kwargs is None and not bounded:
             return orig(self, key_states, value_states, *args, **kwargs)
+        if _compiling():
+            # no reentrancy bookkeeping in a graph (thread-local sets keyed by id() would guard on the layer)
+            if bounded:
+                setattr(self, _KV_END, None)  # the compiled step moves `cumulative_length`
+            out = orig(self, key_states, value_states, *args, **kwargs)
+            if cache_kwargs is not None:
+                state = cache_kwargs["recurrent_state"]
+                _check_state(state, "cache_kwargs['recurrent_state']")
+                _check_cache_kwargs(cache_kwargs, has_state=True)
+                _store(self, state, cache_kwargs)
+            return out
         guards = _guards()
         key = (id(self), name)
         if key in guards:
             return orig(self, key_states, value_states, *args, **kwargs)
-        state = cache_kwargs["recurrent_state"]
-        _check_state(state, "cache_kwargs['recurrent_state']")
-        _check_cache_kwargs(cache_kwargs, has_state=True)
+        if cache_kwargs is not None:
+            state = cache_kwargs["recurrent_state"]
+            _check_state(state, "cache_kwargs['recurrent_state']")
+            _check_cache_kwargs(cache_kwargs, has_state=True)
+            _check_state_room(self, cache_kwargs)
+        kv_end = _check_kv_room(self, key_states, args, kwargs) if bounded else None
         guards.add(key)
         try:
             out = orig(self, key_states, value_states, *args, **kwargs)
         finally:
             guards.discard(key)
-        _store(self, state, cache_kwargs)
+        if kv_end is not None:
+            setattr(self, _KV_END, kv_end)
+        if cache_kwargs is not None:
+            _store(self, state, cache_kwargs)
         return out
 
     return wrapper
@@ -504,9 +862,11 @@ def _wrap_update_recurrent_state(orig, name):
     @functools.wraps(orig)
     def wrapper(self, recurrent_states, *args, **kwargs):
         state_idx = kwargs.get("state_idx", args[0] if args else 0)
-        if state_idx == 0 and self.__dict__.get(_OWNS_SLOT0):
-            # transformers copies into the slot in place; it must get a buffer of its own, not the caller's
-            _detach_native_slot(self)
+        if state_idx == 0 and getattr(self, _OWNS_SLOT0, False):
+            # transformers copies into the slot in place: fine for a swaa buffer of the same layout; a tuple or
+            # another layout makes it allocate a buffer of its own
+            if not _same_layout(self.recurrent_states.get(0), recurrent_states):
+                _detach_native_slot(self)
         return orig(self, recurrent_states, *args, **kwargs)
 
     return wrapper
@@ -516,8 +876,16 @@ def _wrap_get_seq_length(orig, name):
     @functools.wraps(orig)
     def wrapper(self, *args, **kwargs):
         n = orig(self, *args, **kwargs)
-        count = self.__dict__.get(_COUNT, 0)
-        if count and id(self) not in _raw_depth() and n == 0:
+        count = getattr(self, _COUNT, None)
+        if count is None or _in_raw(self):
+            return n
+        if isinstance(count, torch.Tensor):
+            # no Python branch on a device value: a compiled step neither syncs nor guards on it. A copy, not the
+            # counter itself, which the next `state_update` moves in place
+            if isinstance(n, torch.Tensor):
+                return torch.where(n > 0, n, count.to(n.device))
+            return n if n else count.clone()
+        if count and n == 0:
             return count
         return n
 
@@ -527,24 +895,25 @@ def _wrap_get_seq_length(orig, name):
 def _wrap_get_mask_sizes(orig, name):
     @functools.wraps(orig)
     def wrapper(self, *args, **kwargs):
-        count = self.__dict__.get(_COUNT, 0)
-        if not count or id(self) in _raw_depth() or _kv_length(self) != 0:
+        # only layers whose mask formula reads a Python-int token counter (sliding windows) need the count:
+        # while they hold no keys they answer as if they had absorbed `count` tokens; the others read
+        # `get_seq_length` (which already reports the count) or a fixed `max_cache_len`
+        names = [n for n in _INT_COUNTERS if _is_int(getattr(self, n, None))]
+        if not names or _in_raw(self):
             return orig(self, *args, **kwargs)
-        # layers whose mask formula reads an integer token counter (sliding windows) answer as if they had
-        # absorbed `count` tokens; the others read `get_seq_length`, which already reports the count
-        saved = {
-            attr: self.__dict__[attr]
-            for attr in ("cumulative_length", "cumulative_length_int")
-            if isinstance(self.__dict__.get(attr), int) and not isinstance(self.__dict__.get(attr), bool)
-        }
-        if not saved:
+        count = getattr(self, _COUNT, None)
+        if isinstance(count, torch.Tensor):
+            count = getattr(self, _COUNT_INT, None)
+        if not count or any(getattr(self, n) for n in names):
             return orig(self, *args, **kwargs)
+        saved = {n: getattr(self, n) for n in names}
         try:
-            for attr in saved:
-                self.__dict__[attr] = count
+            for n in names:
+                setattr(self, n, count)
             return orig(self, *args, **kwargs)
         finally:
-            self.__dict__.update(saved)
+            for n, value in saved.items():
+                setattr(self, n, value)
 
     return wrapper
 
@@ -694,7 +1063,43 @@ def _wrap_cache_crop(orig, name):
     return wrapper
 
 
-_CACHE_WRAPPERS = {"update": _wrap_cache_update, "crop": _wrap_cache_crop}
+def _wrap_cache_get_seq_length(orig, name):
+    @functools.wraps(orig)
+    def wrapper(self, layer_idx=0, *args, **kwargs):
+        # transformers refuses `get_seq_length(i)` for a native linear-attention layer (it tracks no length),
+        # which is what a swaa layer asks for its mask offset: one that counted tokens answers with its count
+        layers = getattr(self, "layers", None)
+        if isinstance(layers, list) and _is_int(layer_idx) and 0 <= layer_idx < len(layers):
+            layer = layers[layer_idx]
+            if _is_native(layer) and not isinstance(layer, _cu.CacheLayerMixin):
+                count = getattr(layer, _COUNT, None)
+                if count is not None:
+                    return count.clone() if isinstance(count, torch.Tensor) else count
+        return orig(self, layer_idx, *args, **kwargs)
+
+    return wrapper
+
+
+def _wrap_cache_resize(orig, name):
+    @functools.wraps(orig)
+    def wrapper(self, *args, **kwargs):
+        # every layer is checked before any changes, so a refused call changes nothing
+        for i, layer in enumerate(getattr(self, "layers", ())):
+            if isinstance(layer, _STATIC):
+                raise RuntimeError(f"cannot {name} the cache: layer {i}: {_resize_refusal(layer, name)}")
+        return orig(self, *args, **kwargs)
+
+    return wrapper
+
+
+_CACHE_WRAPPERS = {
+    "update": _wrap_cache_update,
+    "crop": _wrap_cache_crop,
+    **{name: _wrap_cache_resize for name in _RESIZE_OPS},
+}
+if _NATIVE is not None:
+    _CACHE_WRAPPERS["get_seq_length"] = _wrap_cache_get_seq_length
+
 _CACHE_ADDED = {
     "state_update": _cache_state_update,
     "get_recurrent_state": _cache_get_recurrent_state,
@@ -758,6 +1163,9 @@ def hack_kv_cache_recurrent_state() -> None:
     with _lock:
         _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs)
         _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, lambda cls: {})
+        for name in _RESIZE_OPS:
+            if not hasattr(_STATIC, name):
+                _set(_STATIC, name, _static_resize_op(name))
         _hacked = True
 
 

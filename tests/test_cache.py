@@ -346,9 +346,11 @@ def test_batch_operations_carry_the_state_once(kind, tuple_state, with_keys):
         keys = k
     beam = torch.tensor([2, 2, 0])
     ops = [("reorder_cache", beam, lambda t: t[beam])]
-    if hasattr(layer, "batch_repeat_interleave"):
+    # static layers refuse to change their batch size (tests/test_cache_static.py)
+    resizable = not isinstance(layer, cu.StaticLayer)
+    if resizable and hasattr(layer, "batch_repeat_interleave"):
         ops.append(("batch_repeat_interleave", 2, lambda t: t.repeat_interleave(2, dim=0)))
-    if hasattr(layer, "batch_select_indices"):
+    if resizable and hasattr(layer, "batch_select_indices"):
         sel = torch.tensor([0, 3, 5])
         ops.append(("batch_select_indices", sel, lambda t: t[sel]))
     want = state
@@ -617,28 +619,40 @@ def native_config():
 
 
 @needs_native
-def test_native_layer_slot_0_is_the_swaa_state():
+def test_native_layer_slot_0_is_the_swaa_state_in_one_static_buffer():
     cache = DynamicCache(config=native_config())
     layer = cache.layers[0]
     assert type(layer) is cu.LinearAttentionLayer and layer.recurrent_state_initialized is False
     x = torch.randn(2, 2, 4, 4)
     x_copy = x.clone()
-    cache.state_update(x, 0, {"num_new_tokens": 3})
-    assert layer.recurrent_states[0] is x and layer.has_previous_state[0]
-    assert cache.get_recurrent_state(0) is x and cache.get_recurrent_state(0, state_idx=0) is x
-    assert layer.recurrent_state_initialized is True and cache.has_previous_state(0)
-    # a native write lands in a buffer of transformers' own: the caller's tensor is never written into
+    stored = cache.state_update(x, 0, {"num_new_tokens": 3})
+    # a buffer of its own (the caller keeps its tensor), static for compiled decode, in slot 0
+    assert stored is not x and torch.equal(stored, x) and layer.recurrent_states[0] is stored
+    assert getattr(stored, "_dynamo_static_input_type", None) == "unguarded"
+    assert layer.has_previous_state[0] and cache.has_previous_state(0)
+    assert cache.get_recurrent_state(0) is stored and cache.get_recurrent_state(0, state_idx=0) is stored
+    assert layer.recurrent_state_initialized is True
+    ptr = stored.data_ptr()
+    # a native write of the same layout lands in the same buffer, and the swaa API reads it
     y = torch.randn(2, 2, 4, 4)
     cache.update_recurrent_state(y, 0)
+    assert torch.equal(layer.state_update(None), y) and layer.recurrent_states[0].data_ptr() == ptr
     assert torch.equal(x, x_copy)
-    assert torch.equal(cache.get_recurrent_state(0), y) and cache.get_recurrent_state(0) is not y
-    # and the swaa API reads it
-    assert torch.equal(layer.state_update(None), y)
-    # reset drops a swaa state instead of zeroing the caller's tensor
-    cache.state_update(x, 0)
+    # transformers refuses get_seq_length(i) on a native layer; one that counted tokens answers with its count
+    cache.update(*kv(T=3), 1)
+    assert cache.get_seq_length(0) == 3 and cache.get_seq_length(1) == 3
+    # reset zeroes the buffer in place: no state until the next write, which reuses the buffer
     cache.reset()
-    assert torch.equal(x, x_copy) and cache.get_recurrent_state(0) is None
-    assert not cache.is_recurrent_state_initialized(0) and layer.recurrent_state_initialized is False
+    assert cache.get_recurrent_state(0) is None and not cache.is_recurrent_state_initialized(0)
+    assert layer.recurrent_state_initialized is False and torch.equal(x, x_copy)
+    assert layer.recurrent_states[0].data_ptr() == ptr and not layer.recurrent_states[0].any()
+    assert cache.state_update(x, 0).data_ptr() == ptr and torch.equal(cache.get_recurrent_state(0), x)
+    # a state of another layout (a tuple here) gets new buffers; a native write then gets its own buffer
+    pair = (torch.randn(2, 2, 4, 4), torch.randn(2, 2, 4))
+    got = cache.state_update(pair, 0)
+    assert isinstance(got, tuple) and all(torch.equal(a, b) and a is not b for a, b in zip(got, pair))
+    cache.update_recurrent_state(y, 0)
+    assert torch.equal(cache.get_recurrent_state(0), y) and all(torch.equal(a, b) for a, b in zip(got, pair))
 
 
 @needs_native
