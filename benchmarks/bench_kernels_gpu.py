@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels_gpu.py --out benchmarks/results/kernels_gpu_<device>.json
 
-0. Runs the GPU tests (`pytest -m gpu tests/test_kernels_gpu.py`) and records their summary
+0. Runs the GPU tests (`pytest -m gpu tests/kernels/test_kernels_gpu.py`) and records their summary
    (skip with --no-tests).
 1. Correctness: every timed op is first checked against the float64 oracle; an op that fails is
    reported as failing and not timed.
@@ -276,7 +276,7 @@ def run_gpu_tests():
             "-q",
             "-p",
             "no:cacheprovider",
-            os.path.join(root, "tests", "test_kernels_gpu.py"),
+            os.path.join(root, "tests", "kernels", "test_kernels_gpu.py"),
         ],
         cwd=root,
         capture_output=True,
@@ -296,7 +296,9 @@ def main():
     ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--fp32-checks", action="store_true", help="also check FLA in float32 before timing")
-    ap.add_argument("--no-tests", action="store_true", help="do not run tests/test_kernels_gpu.py first")
+    ap.add_argument(
+        "--no-tests", action="store_true", help="do not run tests/kernels/test_kernels_gpu.py first"
+    )
     args = ap.parse_args()
     if args.fp32_checks:
         CHECK_DTYPES.insert(0, torch.float32)
@@ -324,7 +326,7 @@ def main():
     print(f"device: {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  fla {meta['fla']}")
     if tests is not None:
         print(
-            f"\nGPU tests (tests/test_kernels_gpu.py): {'PASS' if tests['ok'] else 'FAIL'}  {tests['summary']}"
+            f"\nGPU tests (tests/kernels/test_kernels_gpu.py): {'PASS' if tests['ok'] else 'FAIL'}  {tests['summary']}"
         )
         for line in tests["failures"]:
             print(f"  {line}")

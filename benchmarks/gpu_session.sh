@@ -24,10 +24,11 @@ for step in "$@"; do
     # decode speed, eager vs compiled (issue 10); it starts no case that would end within 60 s of the step's
     # limit, and writes its JSON after every case. DECODE_ARGS: e.g. DECODE_ARGS="--points 1x1k,64x8k"
     decode) cmd=(python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu_$dev.json" --budget-s $((limit > 120 ? limit - 60 : limit / 2)) ${DECODE_ARGS:-}) ;;
-    # every gpu-marked test, one line per test (a step cut off still shows what passed), JUnit XML kept
+    # every gpu-marked test under tests/ (a new GPU test file runs without being named here), one line
+    # per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
     # (every config computes the same thing) and the winners are not written to the shared cache
-    tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/test_cache.py tests/test_kernels_gpu.py tests/test_layers_gpu.py tests/test_transfer_gpu.py) ;;
+    tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/) ;;
     *) echo "unknown step $name"; continue ;;
   esac
   # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time

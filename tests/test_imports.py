@@ -38,6 +38,25 @@ def test_the_cli_parser_loads_no_torch():
     assert "torch" not in loaded and "transformers" not in loaded
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=subprocess.CalledProcessError,
+    reason="swaa/__init__.py registers the hybrid classes from inside transformers.modeling_layers' own "
+    "import of the Auto module; registering then imports modeling_qwen3, which needs modeling_layers "
+    "(circular ImportError; on 5.24 `from transformers import Qwen3ForCausalLM` fails too). Once fixed, "
+    "drop this xfail and the workaround in tests/conftest.py",
+)
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "from transformers import LlamaForCausalLM",
+        "from transformers.models.llama.modeling_llama import LlamaAttention",
+    ],
+)
+def test_a_transformers_model_module_imports_after_import_swaa(statement):
+    modules_after(f"import swaa\n{statement}")
+
+
 def test_the_package_root_re_exports_lazily():
     loaded = modules_after("import swaa; swaa.__version__")
     assert "torch" not in loaded
@@ -51,21 +70,10 @@ def test_the_package_root_re_exports_lazily():
 
 
 @pytest.mark.parametrize("order", ["swaa first", "transformers first"])
-def test_a_saved_hybrid_loads_after_import_swaa_in_a_fresh_interpreter(tmp_path, order):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
+def test_a_saved_hybrid_loads_after_import_swaa_in_a_fresh_interpreter(tmp_path, order, tiny_model):
     from swaa.convert import convert_to_hybrid
 
-    config = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    model = convert_to_hybrid(Qwen3ForCausalLM(config), [0])
+    model = convert_to_hybrid(tiny_model("qwen3", num_hidden_layers=2), [0])
     model.save_pretrained(tmp_path)
     imports = (
         "import swaa\nfrom transformers import AutoModelForCausalLM"

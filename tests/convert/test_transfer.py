@@ -5,28 +5,30 @@ import copy
 
 import pytest
 import torch
-from test_convert import TINY as CONVERT_TINY
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import swaa
 from swaa.convert import attention_transfer, convert_to_hybrid
 
-TINY = {**CONVERT_TINY, "num_hidden_layers": 3}
+# three layers: a first, a middle and a last one to convert
+LAYERS = 3
 
 
-def pair(family="qwen3", layers=(1,), kind="gla", **options):
-    torch.manual_seed(0)
-    if family == "qwen3":
-        teacher = Qwen3ForCausalLM(Qwen3Config(**TINY))
-    else:
-        teacher = LlamaForCausalLM(LlamaConfig(**TINY))
-    teacher = teacher.eval()
-    student = convert_to_hybrid(copy.deepcopy(teacher), list(layers), kind=kind, **options)
-    return teacher, student
+@pytest.fixture
+def pair(tiny_model):
+    """A tiny teacher of `family` and its hybrid student with `layers` converted to `kind`."""
+
+    def build(family="qwen3", layers=(1,), kind="gla", **options):
+        teacher = tiny_model(family, num_hidden_layers=LAYERS)
+        student = convert_to_hybrid(copy.deepcopy(teacher), list(layers), kind=kind, **options)
+        return teacher, student
+
+    return build
 
 
-def text(n=256, seed=1):
-    return torch.randint(0, TINY["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed))
+@pytest.fixture
+def text(tiny_ids):
+    """A running text of `n` token ids (any id of the vocabulary, the specials included)."""
+    return lambda n=256, seed=1: tiny_ids(n, seed=seed, low=0)
 
 
 def snapshot(model):
@@ -34,7 +36,7 @@ def snapshot(model):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
-def test_converted_layers_move_toward_the_original_and_nothing_else_changes(family):
+def test_converted_layers_move_toward_the_original_and_nothing_else_changes(family, pair, text):
     teacher, student = pair(family, layers=(0, 2))
     t0, s0 = snapshot(teacher), snapshot(student)
     report = attention_transfer(teacher, student, text(), window=32, steps=40, lr=3e-3, progress=False)
@@ -53,7 +55,7 @@ def test_converted_layers_move_toward_the_original_and_nothing_else_changes(fami
     assert not student.training
 
 
-def test_a_layer_that_gets_worse_gets_its_parameters_back():
+def test_a_layer_that_gets_worse_gets_its_parameters_back(pair, text):
     # a random tiny Llama attends almost uniformly, which softmax-feature linear attention already matches
     # (relative error ~1e-6); a large learning rate only moves it away
     teacher, student = pair("llama", layers=(0, 2), kind="linear")
@@ -64,7 +66,7 @@ def test_a_layer_that_gets_worse_gets_its_parameters_back():
     assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
 
 
-def test_windows_as_rows_or_as_a_running_text_train_alike_in_batches():
+def test_windows_as_rows_or_as_a_running_text_train_alike_in_batches(pair, text):
     # the same two windows given as [2, T] rows or as one [2T] text, two windows per step: the same step
     teacher, student = pair(layers=(1,))
     twin = copy.deepcopy(student)
@@ -79,7 +81,7 @@ def test_windows_as_rows_or_as_a_running_text_train_alike_in_batches():
         attention_transfer(teacher, student, windows, batch_size=0, progress=False)
 
 
-def test_flags_gradients_and_modes_are_left_as_they_were():
+def test_flags_gradients_and_modes_are_left_as_they_were(pair, text):
     teacher, student = pair(layers=(0, 1))
     teacher.train()
     student.train()
@@ -94,7 +96,7 @@ def test_flags_gradients_and_modes_are_left_as_they_were():
     assert all(p.requires_grad for n, p in student.named_parameters() if p is not frozen)
 
 
-def test_an_interrupted_call_puts_back_the_layer_it_was_training():
+def test_an_interrupted_call_puts_back_the_layer_it_was_training(pair, text):
     teacher, student = pair(layers=(0, 2))
     s0 = snapshot(student)
     calls = []
@@ -112,7 +114,7 @@ def test_an_interrupted_call_puts_back_the_layer_it_was_training():
     assert all(p.grad is None and p.requires_grad for p in student.parameters())
 
 
-def test_recordings_kept_elsewhere_train_the_same():
+def test_recordings_kept_elsewhere_train_the_same(pair, text):
     teacher, student = pair(layers=(1,))
     twin = copy.deepcopy(student)
     attention_transfer(teacher, student, text(), window=32, steps=5, progress=False)
@@ -121,7 +123,7 @@ def test_recordings_kept_elsewhere_train_the_same():
         assert torch.equal(a, b), n
 
 
-def test_a_float32_teacher_teaches_a_bf16_student():
+def test_a_float32_teacher_teaches_a_bf16_student(pair, text):
     teacher, student = pair(layers=(1,))
     student = student.to(torch.bfloat16)
     report = attention_transfer(teacher, student, text(), window=32, steps=10, progress=False)
@@ -129,7 +131,7 @@ def test_a_float32_teacher_teaches_a_bf16_student():
     assert student.model.layers[1].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
-def test_train_new_keeps_the_pretrained_projections():
+def test_train_new_keeps_the_pretrained_projections(pair, text):
     teacher, student = pair(layers=(1,))
     s0 = snapshot(student)
     report = attention_transfer(teacher, student, text(), window=32, steps=20, train="new", progress=False)
@@ -142,7 +144,7 @@ def test_train_new_keeps_the_pretrained_projections():
     assert not torch.equal(student.model.layers[1].self_attn.gk_proj[1].bias, s0[attn + "gk_proj.1.bias"])
 
 
-def test_the_trained_hybrid_still_generates_with_and_without_cache():
+def test_the_trained_hybrid_still_generates_with_and_without_cache(pair, text):
     teacher, student = pair(layers=(0, 1, 2))
     attention_transfer(teacher, student, text(), window=32, steps=10, progress=False)
     prompt = text(7, seed=5)[None]
@@ -164,7 +166,7 @@ def test_the_trained_hybrid_still_generates_with_and_without_cache():
         (dict(max_windows=0), ValueError, "max_windows"),
     ],
 )
-def test_bad_arguments_are_refused_before_anything_changes(kwargs, err, words):
+def test_bad_arguments_are_refused_before_anything_changes(kwargs, err, words, pair, text):
     teacher, student = pair()
     s0 = snapshot(student)
     with pytest.raises(err, match=words):
@@ -172,7 +174,7 @@ def test_bad_arguments_are_refused_before_anything_changes(kwargs, err, words):
     assert all(torch.equal(p, s0[n]) for n, p in student.named_parameters())
 
 
-def test_wrong_pairs_and_inputs_are_refused():
+def test_wrong_pairs_and_inputs_are_refused(pair, text, tiny_model):
     teacher, student = pair()
     with pytest.raises(ValueError, match="hybrid"):
         attention_transfer(teacher, copy.deepcopy(teacher), text(), progress=False)
@@ -184,7 +186,7 @@ def test_wrong_pairs_and_inputs_are_refused():
         attention_transfer(teacher, student, text(10), window=32, progress=False)
     with pytest.raises(ValueError, match="at least one window"):
         attention_transfer(teacher, student, text(0).view(0, 32), progress=False)
-    other = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "num_hidden_layers": 4}))
+    other = tiny_model("qwen3", num_hidden_layers=LAYERS + 1)
     with pytest.raises(ValueError, match="num_hidden_layers"):
         attention_transfer(other, student, text(), progress=False)
     # a layer with nothing new to train (gate from the keys, no output norm) and train="new"

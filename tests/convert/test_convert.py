@@ -12,12 +12,6 @@ from transformers import (
     DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -26,43 +20,9 @@ import swaa
 from swaa.convert import convert_to_hybrid, hybrid_record, parse_linear_layers
 from swaa.layers import GatedLinearAttention, LinearAttention
 
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    vocab_size=97,
-    max_position_embeddings=4096,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-)
-FAMILIES = {
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-}
-
-
-def tiny_model(family="qwen3", dtype=torch.float32, seed=0, **overrides):
-    """A random tiny causal LM of a supported family (nothing downloaded)."""
-    config_cls, model_cls = FAMILIES[family]
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**TINY, **overrides})).to(dtype).eval()
-    return model
-
-
-def ids(batch=2, length=11, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=g)
-
-
 # generation runs on the two main families; conversion and save/load on every family of the table
 families = pytest.mark.parametrize("family", ["qwen3", "llama"])
-all_families = pytest.mark.parametrize("family", list(FAMILIES))
+all_families = pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mistral"])
 
 
 # layer selection
@@ -117,22 +77,23 @@ def test_parse_linear_layers_errors_name_the_value(spec, error, words):
 
 
 @all_families
-def test_empty_conversion_changes_nothing(family):
+def test_empty_conversion_changes_nothing(family, tiny_model, tiny_ids):
     model = tiny_model(family)
-    x = ids()
+    source_cls = type(model)
+    x = tiny_ids(2, 11)
     before = model(x).logits
     config_before = model.config.to_dict()
     assert convert_to_hybrid(model, []) is model
     assert convert_to_hybrid(model, "none") is model
     assert torch.equal(model(x).logits, before)
-    assert type(model) is FAMILIES[family][1]
+    assert type(model) is source_cls
     assert model.config.to_dict() == config_before
     assert hybrid_record(model.config) is None
 
 
 @all_families
 @pytest.mark.parametrize("kind, cls", [("gla", GatedLinearAttention), ("linear", LinearAttention)])
-def test_some_layers_take_the_pretrained_weights(family, kind, cls):
+def test_some_layers_take_the_pretrained_weights(family, kind, cls, tiny_model, tiny_ids):
     model = tiny_model(family)
     source = copy.deepcopy(model)
     convert_to_hybrid(model, [0, 2], kind=kind)
@@ -151,31 +112,31 @@ def test_some_layers_take_the_pretrained_weights(family, kind, cls):
     record = hybrid_record(model.config)
     assert record == {"linear_layers": [0, 2], "kind": kind, "options": {}, "swaa_version": swaa.__version__}
     assert model.config.model_type == f"swaa_{family}"
-    assert type(model).__name__ == f"Swaa{FAMILIES[family][1].__name__}"
-    assert isinstance(model, FAMILIES[family][1])
-    assert model(ids()).logits.isfinite().all()
+    assert type(model).__name__ == f"Swaa{type(source).__name__}"
+    assert isinstance(model, type(source))
+    assert model(tiny_ids(2, 11)).logits.isfinite().all()
 
 
-def test_qwen3_layer_types_keep_its_forward_working():
+def test_qwen3_layer_types_keep_its_forward_working(tiny_model, tiny_ids):
     # Qwen3's forward looks up masks by config.layer_types: "linear_attention" there would raise KeyError
     model = tiny_model("qwen3")
     convert_to_hybrid(model, "all")
     assert set(model.config.layer_types) <= {"full_attention", "sliding_attention"}
-    out = model(ids(), use_cache=True)
+    out = model(tiny_ids(2, 11), use_cache=True)
     assert out.logits.isfinite().all()
 
 
 @families
-def test_all_layers_converted_model_still_generates(family):
+def test_all_layers_converted_model_still_generates(family, tiny_model, tiny_ids):
     model = tiny_model(family)
     convert_to_hybrid(model, "all")
     assert all(isinstance(layer.self_attn, GatedLinearAttention) for layer in model.model.layers)
-    x = ids(1, 6)
+    x = tiny_ids(1, 6)
     out = model.generate(x, max_new_tokens=5, do_sample=False, min_new_tokens=5)
     assert out.shape == (1, 11)
 
 
-def test_layer_options_reach_the_layers_and_the_record():
+def test_layer_options_reach_the_layers_and_the_record(tiny_model):
     model = tiny_model("qwen3")
     convert_to_hybrid(model, [1], kind="gla", gate="from_keys", output_norm=False)
     attn = model.model.layers[1].self_attn
@@ -184,7 +145,7 @@ def test_layer_options_reach_the_layers_and_the_record():
     assert hybrid_record(model.config)["options"] == {"gate": "from_keys", "output_norm": False}
 
 
-def test_converting_more_layers_later_extends_the_record():
+def test_converting_more_layers_later_extends_the_record(tiny_model):
     model = tiny_model("llama")
     convert_to_hybrid(model, [3])
     convert_to_hybrid(model, [0])
@@ -205,9 +166,9 @@ def test_converting_more_layers_later_extends_the_record():
         (lambda m: convert_to_hybrid(m, [0], gate="sideways"), ValueError, "gate must be one of"),
     ],
 )
-def test_refused_conversion_leaves_the_model_as_it_was(call, error, words):
+def test_refused_conversion_leaves_the_model_as_it_was(call, error, words, tiny_model, tiny_ids):
     model = tiny_model("qwen3")
-    x = ids()
+    x = tiny_ids(2, 11)
     before = model(x).logits
     modules_before = [layer.self_attn for layer in model.model.layers]
     with pytest.raises(error, match=words):
@@ -218,7 +179,7 @@ def test_refused_conversion_leaves_the_model_as_it_was(call, error, words):
     assert torch.equal(model(x).logits, before)
 
 
-def test_unsupported_model_names_the_supported_families():
+def test_unsupported_model_names_the_supported_families(tiny_model):
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50))
     with pytest.raises(ValueError, match=r"'gpt2' cannot be converted.*qwen3.*qwen2.*llama.*mistral"):
@@ -236,10 +197,10 @@ def test_unsupported_model_names_the_supported_families():
 @pytest.mark.parametrize(
     "kind, options", [("gla", {}), ("gla", {"gate": "from_keys"}), ("linear", {"feature_map": "elu"})]
 )
-def test_save_load_round_trip_gives_identical_logits(tmp_path, family, kind, options):
+def test_save_load_round_trip_gives_identical_logits(tmp_path, family, kind, options, tiny_model, tiny_ids):
     model = tiny_model(family)
     convert_to_hybrid(model, "every:2", kind=kind, **options)
-    x = ids()
+    x = tiny_ids(2, 11)
     expected = model(x).logits
     model.save_pretrained(tmp_path)
 
@@ -259,7 +220,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, family, kind, opt
     assert torch.equal(loaded(x).logits, expected)
 
 
-def test_saved_hybrid_can_be_converted_further_after_loading(tmp_path):
+def test_saved_hybrid_can_be_converted_further_after_loading(tmp_path, tiny_model):
     model = tiny_model("qwen3")
     convert_to_hybrid(model, [0])
     model.save_pretrained(tmp_path)
@@ -272,17 +233,23 @@ def test_saved_hybrid_can_be_converted_further_after_loading(tmp_path):
 # generate
 
 
-def _hybrid(family, dtype=torch.float32, spec="0,2"):
-    model = tiny_model(family, dtype=dtype)
-    convert_to_hybrid(model, spec)
-    return model
+@pytest.fixture
+def hybrid(tiny_model):
+    """A tiny model of `family` with layers `spec` converted to GLA."""
+
+    def build(family, dtype=torch.float32, spec="0,2"):
+        model = tiny_model(family, dtype=dtype)
+        convert_to_hybrid(model, spec)
+        return model
+
+    return build
 
 
 @families
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_same_tokens_with_and_without_cache(family, num_beams):
-    model = _hybrid(family, torch.float64)
-    x = ids(1, 7)
+def test_generate_same_tokens_with_and_without_cache(family, num_beams, tiny_ids, hybrid):
+    model = hybrid(family, torch.float64)
+    x = tiny_ids(1, 7)
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=num_beams)
     with_cache = model.generate(x, use_cache=True, **kwargs)
     without = model.generate(x, use_cache=False, **kwargs)
@@ -290,9 +257,9 @@ def test_generate_same_tokens_with_and_without_cache(family, num_beams):
 
 
 @families
-def test_left_padded_batch_equals_single_prompts(family):
-    model = _hybrid(family, torch.float64)
-    prompts = [ids(1, 9, seed=3)[0], ids(1, 5, seed=4)[0], ids(1, 2, seed=5)[0]]
+def test_left_padded_batch_equals_single_prompts(family, tiny_ids, hybrid):
+    model = hybrid(family, torch.float64)
+    prompts = [tiny_ids(1, 9, seed=3)[0], tiny_ids(1, 5, seed=4)[0], tiny_ids(1, 2, seed=5)[0]]
     width = max(len(p) for p in prompts)
     batch = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -306,9 +273,9 @@ def test_left_padded_batch_equals_single_prompts(family):
         assert torch.equal(together[row], alone[0, len(p) :]), f"prompt {row}"
 
 
-def test_sampling_with_a_seed_is_reproducible():
-    model = _hybrid("qwen3")
-    x = ids(2, 5)
+def test_sampling_with_a_seed_is_reproducible(tiny_ids, hybrid):
+    model = hybrid("qwen3")
+    x = tiny_ids(2, 5)
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
@@ -316,11 +283,11 @@ def test_sampling_with_a_seed_is_reproducible():
     assert torch.equal(*runs)
 
 
-def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linear_ones():
+def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linear_ones(tiny_model, tiny_ids):
     # layer 0 linear: the cache must still report the right length (positions of the softmax layer)
     model = tiny_model("qwen3", num_hidden_layers=2)
     convert_to_hybrid(model, [0])
-    x = ids(1, 4)
+    x = tiny_ids(1, 4)
     new = 1100
     out = model.generate(
         x, max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True

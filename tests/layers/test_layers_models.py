@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import DynamicCache, Qwen3ForCausalLM
 
 from swaa.layers import GatedLinearAttention, LinearAttention
 
@@ -16,39 +16,29 @@ CACHE_ARG = (
     "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
 )
 
-SHAPE = dict(
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+# three layers: a first, a middle and a last one to swap; Llama with biases on every projection
+LAYERS = 3
 
 
-def tiny(family, linear_layers, kind, attn="sdpa", dtype=torch.float64, **opts):
-    """A tiny random model of `family` with the attention of `linear_layers` replaced by `kind`,
-    the replaced attention's weights copied into it."""
-    torch.manual_seed(0)
-    if family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**SHAPE, attn_implementation=attn))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**SHAPE, attention_bias=True, attn_implementation=attn))
-    cls = GatedLinearAttention if kind == "gla" else LinearAttention
-    for i in linear_layers:
-        old = model.model.layers[i].self_attn
-        new = cls(model.config, i, **opts)
-        assert new.load_state_dict(old.state_dict(), strict=False).unexpected_keys == []
-        model.model.layers[i].self_attn = new
-    # the generation tests must not stop early on a random eos
-    model.generation_config.eos_token_id = None
-    return model.to(dtype).eval()
+@pytest.fixture
+def tiny(tiny_model):
+    """A tiny random model of `family` with the attention of `linear_layers` replaced by `kind`, the
+    replaced attention's weights copied into it."""
+
+    def build(family, linear_layers, kind, attn="sdpa", dtype=torch.float64, **opts):
+        extra = dict(attention_bias=True) if family == "llama" else {}
+        model = tiny_model(family, num_hidden_layers=LAYERS, attn_implementation=attn, **extra)
+        cls = GatedLinearAttention if kind == "gla" else LinearAttention
+        for i in linear_layers:
+            old = model.model.layers[i].self_attn
+            new = cls(model.config, i, **opts)
+            assert new.load_state_dict(old.state_dict(), strict=False).unexpected_keys == []
+            model.model.layers[i].self_attn = new
+        # the generation tests must not stop early on a random eos
+        model.generation_config.eos_token_id = None
+        return model.to(dtype).eval()
+
+    return build
 
 
 def call(model, ids, cache=None, **kwargs):
@@ -56,11 +46,6 @@ def call(model, ids, cache=None, **kwargs):
         kwargs[CACHE_ARG] = cache
         kwargs["use_cache"] = True
     return model(ids, **kwargs)
-
-
-def ids_for(B, T, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, SHAPE["vocab_size"], (B, T), generator=g)
 
 
 MODELS = [
@@ -75,9 +60,9 @@ LAYOUTS = [pytest.param((0,), id="first"), pytest.param((1,), id="middle"), pyte
 
 @pytest.mark.parametrize("layers", LAYOUTS)
 @pytest.mark.parametrize("family, kind", MODELS)
-def test_prefill_then_decode_and_chunked_prefill_equal_one_forward(family, kind, layers):
+def test_prefill_then_decode_and_chunked_prefill_equal_one_forward(family, kind, layers, tiny, tiny_ids):
     model = tiny(family, layers, kind)
-    ids = ids_for(2, 10)
+    ids = tiny_ids(2, 10)
     with torch.no_grad():
         full = model(ids).logits
         # no position_ids anywhere: positions come from cache.get_seq_length(), which a state-only
@@ -94,17 +79,17 @@ def test_prefill_then_decode_and_chunked_prefill_equal_one_forward(family, kind,
 
 @pytest.mark.parametrize("family, kind", MODELS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_left_padded_batch_equals_each_sequence_alone(family, kind, attn):
+def test_left_padded_batch_equals_each_sequence_alone(family, kind, attn, tiny, tiny_ids):
     # layers 0 and 2 linear, 1 softmax: the softmax layer sees the padding through its own mask
     model = tiny(family, (0, 2), kind, attn=attn)
     lengths = [8, 5, 2]
     B, T = len(lengths), max(lengths)
-    seqs = [ids_for(1, n, seed=10 + n) for n in lengths]
+    seqs = [tiny_ids(1, n, seed=10 + n) for n in lengths]
     ids = torch.zeros(B, T, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, (s, n) in enumerate(zip(seqs, lengths)):
         ids[b, T - n :], mask[b, T - n :] = s[0], 1
-    nxt = ids_for(B, 1, seed=3)
+    nxt = tiny_ids(B, 1, seed=3)
     # position_ids given: RoPE of a padded batch otherwise differs by float32 noise (TRANSFORMERS_NOTES)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -128,9 +113,9 @@ def test_left_padded_batch_equals_each_sequence_alone(family, kind, attn):
 
 
 @pytest.mark.parametrize("family, kind", MODELS[::2])
-def test_use_cache_false_makes_no_cache(family, kind):
+def test_use_cache_false_makes_no_cache(family, kind, tiny, tiny_ids):
     model = tiny(family, (0,), kind)
-    out = model(ids_for(1, 4), use_cache=False)
+    out = model(tiny_ids(1, 4), use_cache=False)
     assert getattr(out, CACHE_ARG) is None
 
 
@@ -139,9 +124,9 @@ def generate(model, ids, mask, **kwargs):
 
 
 @pytest.mark.parametrize("family, kind", MODELS)
-def test_generate_with_and_without_cache_gives_the_same_tokens(family, kind):
+def test_generate_with_and_without_cache_gives_the_same_tokens(family, kind, tiny, tiny_ids):
     model = tiny(family, (0, 2), kind)
-    ids = ids_for(2, 5)
+    ids = tiny_ids(2, 5)
     mask = torch.ones_like(ids)
     ids[1, :2], mask[1, :2] = 0, 0
     for opts in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
@@ -152,10 +137,10 @@ def test_generate_with_and_without_cache_gives_the_same_tokens(family, kind):
 
 
 @pytest.mark.parametrize("family, kind", MODELS[:2])
-def test_greedy_generate_of_a_padded_batch_equals_each_prompt_alone(family, kind):
+def test_greedy_generate_of_a_padded_batch_equals_each_prompt_alone(family, kind, tiny, tiny_ids):
     model = tiny(family, (0, 2), kind)
     lengths = [6, 3]
-    prompts = [ids_for(1, n, seed=20 + n) for n in lengths]
+    prompts = [tiny_ids(1, n, seed=20 + n) for n in lengths]
     ids = torch.zeros(2, 6, dtype=torch.long)
     mask = torch.zeros(2, 6, dtype=torch.long)
     for b, (p, n) in enumerate(zip(prompts, lengths)):
@@ -167,9 +152,9 @@ def test_greedy_generate_of_a_padded_batch_equals_each_prompt_alone(family, kind
 
 
 @pytest.mark.parametrize("family, kind", MODELS[:2])
-def test_seeded_sampling_is_reproducible(family, kind):
+def test_seeded_sampling_is_reproducible(family, kind, tiny, tiny_ids):
     model = tiny(family, (0, 2), kind)
-    ids = ids_for(2, 4)
+    ids = tiny_ids(2, 4)
     runs = []
     for _ in range(2):
         torch.manual_seed(1234)
@@ -178,9 +163,9 @@ def test_seeded_sampling_is_reproducible(family, kind):
 
 
 @pytest.mark.parametrize("family, kind", MODELS)
-def test_training_gradients_reach_every_parameter(family, kind):
+def test_training_gradients_reach_every_parameter(family, kind, tiny, tiny_ids):
     model = tiny(family, (0, 2), kind, dtype=torch.float32, output_gate=True).train()
-    ids = ids_for(2, 7)
+    ids = tiny_ids(2, 7)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     loss = model(ids, attention_mask=mask, labels=ids).loss
@@ -191,9 +176,9 @@ def test_training_gradients_reach_every_parameter(family, kind):
             assert p.grad.abs().sum() > 0, name
 
 
-def test_bf16_model_runs_with_float32_states():
+def test_bf16_model_runs_with_float32_states(tiny, tiny_ids):
     model = tiny("qwen3", (0, 2), "gla", dtype=torch.bfloat16)
-    ids = ids_for(2, 6)
+    ids = tiny_ids(2, 6)
     cache = DynamicCache()
     with torch.no_grad():
         out = call(model, ids, cache).logits
@@ -207,12 +192,12 @@ def test_bf16_model_runs_with_float32_states():
     not hasattr(transformers.cache_utils, "LinearAttentionLayer"),
     reason="transformers < 5.5 has no native linear-attention cache layers",
 )
-def test_native_linear_attention_cache_layers_hold_the_state():
+def test_native_linear_attention_cache_layers_hold_the_state(tiny, tiny_ids):
     # a Llama config whose layer_types name the swapped layers "linear_attention" makes
     # DynamicCache(config=...) build transformers' own LinearAttentionLayer there; the layer must work on it
     model = tiny("llama", (0, 2), "gla")
     model.config.layer_types = ["linear_attention", "full_attention", "linear_attention"]
-    ids = ids_for(2, 8)
+    ids = tiny_ids(2, 8)
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
@@ -226,12 +211,12 @@ def test_native_linear_attention_cache_layers_hold_the_state():
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("kind", ["gla", "linear"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_sequences_stay_apart(family, kind, attn):
+def test_packed_sequences_stay_apart(family, kind, attn, tiny, tiny_ids):
     # DataCollatorWithFlattening packs sequences into one row with restarting position_ids; transformers
     # keeps them apart in its softmax layers, and a linear layer must not carry state across them
     model = tiny(family, [0, 2], kind, attn=attn)
     lengths = [5, 9, 3]
-    seqs = [ids_for(1, n, seed=s) for s, n in enumerate(lengths, start=3)]
+    seqs = [tiny_ids(1, n, seed=s) for s, n in enumerate(lengths, start=3)]
     packed = torch.cat(seqs, dim=1)
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
     with torch.no_grad():
@@ -279,10 +264,10 @@ def test_positions_that_repeat_or_are_3d_are_not_packing():
 
 
 @pytest.mark.parametrize("kind", ["gla", "linear"])
-def test_inference_mode_without_a_cache(kind):
+def test_inference_mode_without_a_cache(kind, tiny, tiny_ids):
     # inference tensors have no version counter: the packing check must not rely on one
     model = tiny("qwen3", [0, 2], kind)
-    ids = ids_for(2, 9)
+    ids = tiny_ids(2, 9)
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     with torch.inference_mode():

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaAttention
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
@@ -15,7 +15,7 @@ import swaa
 from swaa.layers import FEATURE_MAPS, GatedLinearAttention, LinearAttention
 from swaa.layers.host_inputs import tokens_to_keep
 
-SHAPE = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+# the tiny shape of tests/conftest.py (its tiny_config) as the layers' own keywords
 KW = dict(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
 
 # every option a user can turn on, per layer kind; id'd so a failure names the combination
@@ -71,20 +71,20 @@ def state_close(a, b, **tol):
 
 
 @pytest.mark.parametrize(
-    "config_cls, attn_cls, extra",
+    "family, attn_cls, extra",
     [
-        (Qwen3Config, Qwen3Attention, {}),
-        (Qwen3Config, Qwen3Attention, dict(attention_bias=True)),
-        (Qwen2Config, Qwen2Attention, {}),
-        (LlamaConfig, LlamaAttention, dict(attention_bias=True)),
-        (LlamaConfig, LlamaAttention, {}),
-        (MistralConfig, MistralAttention, {}),
+        ("qwen3", Qwen3Attention, {}),
+        ("qwen3", Qwen3Attention, dict(attention_bias=True)),
+        ("qwen2", Qwen2Attention, {}),
+        ("llama", LlamaAttention, dict(attention_bias=True)),
+        ("llama", LlamaAttention, {}),
+        ("mistral", MistralAttention, {}),
     ],
     ids=["qwen3", "qwen3-bias", "qwen2", "llama-bias", "llama", "mistral"],
 )
 @pytest.mark.parametrize("cls", [LinearAttention, GatedLinearAttention])
-def test_state_dict_of_source_attention_loads_key_for_key(config_cls, attn_cls, extra, cls):
-    config = config_cls(**SHAPE, **extra)
+def test_state_dict_of_source_attention_loads_key_for_key(family, attn_cls, extra, cls, tiny_config):
+    config = tiny_config(family, **extra)
     config._attn_implementation = "sdpa"
     source = attn_cls(config, 1)
     layer = cls(config, 1)
@@ -100,17 +100,19 @@ def test_state_dict_of_source_attention_loads_key_for_key(config_cls, attn_cls, 
     assert layer.layer_idx == 1
 
 
-def test_keywords_replace_the_config_and_override_it():
+def test_keywords_replace_the_config_and_override_it(tiny_config):
     layer = GatedLinearAttention(hidden_size=64, num_heads=4, layer_idx=3)
     assert (layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.layer_idx) == (4, 4, 16, 3)
     assert layer.q_proj.bias is None and not hasattr(layer, "q_norm")
-    config = Qwen3Config(**SHAPE)
+    config = tiny_config("qwen3")
     layer = LinearAttention(config, 0, num_kv_heads=4, qk_norm=False, attention_bias=True)
     assert layer.k_proj.out_features == 32 and not hasattr(layer, "q_norm") and layer.o_proj.bias is not None
     # Llama-style configs without head_dim fall back to hidden / heads
     assert (
         LinearAttention(
-            MistralConfig(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=None)
+            tiny_config(
+                "mistral", hidden_size=48, num_attention_heads=3, num_key_value_heads=1, head_dim=None
+            )
         ).head_dim
         == 16
     )
@@ -326,8 +328,8 @@ def test_state_of_another_batch_size_is_refused_and_the_cache_kept():
 
 
 @pytest.mark.parametrize("cls, opts", VARIANTS)
-def test_gradients_reach_every_parameter(cls, opts):
-    config = Qwen3Config(**SHAPE, attention_bias=True)
+def test_gradients_reach_every_parameter(cls, opts, tiny_config):
+    config = tiny_config("qwen3", attention_bias=True)
     layer = cls(config, 0, **opts)
     x = torch.randn(2, 6, 32, requires_grad=True)
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6])
@@ -381,12 +383,12 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "hedgehog"])
-def test_bf16_gradients_of_softmax_feature_maps_stay_close_to_float64(feature_map):
+def test_bf16_gradients_of_softmax_feature_maps_stay_close_to_float64(feature_map, tiny_config):
     # softmax's backward subtracts nearly equal parts of the features' gradient; when the kernel ran in
     # bf16 and handed that gradient back rounded, the worst gradient here was 2.7e-2 (hedgehog) to 3.7e-2
     # (softmax) off float64; with float32 features ~1.5e-2
     torch.manual_seed(0)
-    config = Qwen3Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config = tiny_config("qwen3", hidden_size=256, head_dim=64)
     layer = LinearAttention(config, 0, feature_map=feature_map).bfloat16()
     ref = copy.deepcopy(layer).double()
     x = torch.randn(2, 300, 256).bfloat16()

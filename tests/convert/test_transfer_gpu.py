@@ -5,8 +5,6 @@ import copy
 
 import pytest
 import torch
-from test_convert import TINY
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from swaa.convert import attention_transfer, convert_to_hybrid
 from swaa.kernels import fla_available
@@ -18,11 +16,10 @@ pytestmark = [
 ]
 
 
-def test_transfer_on_cuda_with_recordings_in_host_memory():
-    torch.manual_seed(0)
-    teacher = Qwen3ForCausalLM(Qwen3Config(**{**TINY, "hidden_size": 128, "head_dim": 32})).cuda().eval()
+def test_transfer_on_cuda_with_recordings_in_host_memory(tiny_model, tiny_ids):
+    teacher = tiny_model("qwen3", hidden_size=128, head_dim=32).cuda()
     student = convert_to_hybrid(copy.deepcopy(teacher), [1, 3])
-    text = torch.randint(3, TINY["vocab_size"], (512,), generator=torch.Generator().manual_seed(1))
+    text = tiny_ids(512)
     report = attention_transfer(
         teacher, student, text, window=128, steps=30, batch_size=2, record_device="cpu", progress=False
     )

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, Qwen3Config
+from transformers import DynamicCache
 
 from swaa.kernels import fla_available
 from swaa.layers import GatedLinearAttention, LinearAttention
@@ -21,9 +21,8 @@ pytestmark = [
 TOL = (
     2e-2  # relative (norm) difference allowed between FLA's bf16 kernels and the float32-internal torch path
 )
-CONFIG = dict(
-    hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, attention_bias=False
-)
+# tests/conftest.py's tiny Qwen3 widened to FLA-sized heads: 4 query / 2 key-value heads of 64 dims
+WIDE = dict(hidden_size=256, head_dim=64, attention_bias=False)
 
 VARIANTS = [
     pytest.param(GatedLinearAttention, {}, id="gla-default"),
@@ -55,20 +54,20 @@ def states(cache):
 
 
 @pytest.mark.parametrize("cls, opts", VARIANTS)
-def test_fla_backend_matches_torch_backend_in_bf16(cls, opts):
+def test_fla_backend_matches_torch_backend_in_bf16(cls, opts, tiny_config):
     torch.manual_seed(0)
-    config = Qwen3Config(**CONFIG)
+    config = tiny_config("qwen3", **WIDE)
     fla = cls(config, 0, backend="fla", **opts).cuda().bfloat16()
     ref = copy.deepcopy(fla)
     ref.backend = "torch"
 
     # T not a multiple of FLA's chunk (64); rows padded on the left by different amounts
-    B, T, D = 3, 300, CONFIG["head_dim"]
-    x = torch.randn(B, T, CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    B, T, D = 3, 300, config.head_dim
+    x = torch.randn(B, T, config.hidden_size, device="cuda", dtype=torch.bfloat16)
     mask = torch.ones(B, T, dtype=torch.long, device="cuda")
     mask[1, :37] = 0
     mask[2, :250] = 0
-    nxt = torch.randn(B, 1, CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    nxt = torch.randn(B, 1, config.hidden_size, device="cuda", dtype=torch.bfloat16)
 
     results = {}
     for name, layer in (("fla", fla), ("torch", ref)):
@@ -98,13 +97,14 @@ def test_fla_backend_matches_torch_backend_in_bf16(cls, opts):
 
 
 @pytest.mark.parametrize("cls", [GatedLinearAttention, LinearAttention], ids=["gla", "linear"])
-def test_packed_sequences_on_fla_equal_each_sequence_alone(cls):
+def test_packed_sequences_on_fla_equal_each_sequence_alone(cls, tiny_config):
     # packed rows (position_ids falling back to 0) go through FLA's varlen kernels; each sequence must come
     # out as if run alone, forward and gradients
     torch.manual_seed(0)
-    layer = cls(Qwen3Config(**CONFIG), 0, backend="fla").cuda().bfloat16()
-    D, lengths = CONFIG["head_dim"], [70, 5, 129]
-    x = torch.randn(1, sum(lengths), CONFIG["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    config = tiny_config("qwen3", **WIDE)
+    layer = cls(config, 0, backend="fla").cuda().bfloat16()
+    D, lengths = config.head_dim, [70, 5, 129]
+    x = torch.randn(1, sum(lengths), config.hidden_size, device="cuda", dtype=torch.bfloat16)
     position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
     cos, sin = rope(1, max(lengths), D)
     pe = tuple(torch.cat([t[:, :n] for n in lengths], dim=1) for t in (cos, sin))

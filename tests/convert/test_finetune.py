@@ -5,24 +5,22 @@ import copy
 
 import pytest
 import torch
-from test_convert import TINY
-from transformers import DataCollatorWithFlattening, Qwen3Config, Qwen3ForCausalLM
+from transformers import DataCollatorWithFlattening
 
 from swaa.convert import convert_to_hybrid
 
 pytest.importorskip("accelerate", reason="Trainer needs accelerate (pip install 'swaa[demo]')")
 
 
-def sequences(count=8, seed=3):
+def sequences(vocab_size, count=8, seed=3):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(5, 40, (count,), generator=g).tolist()
-    return [{"input_ids": torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist()} for n in lengths]
+    return [{"input_ids": torch.randint(3, vocab_size, (n,), generator=g).tolist()} for n in lengths]
 
 
-def test_packed_loss_equals_the_loss_of_each_sequence_alone():
-    torch.manual_seed(0)
-    model = convert_to_hybrid(Qwen3ForCausalLM(Qwen3Config(**TINY)).eval(), [0, 2])
-    data = sequences(3)
+def test_packed_loss_equals_the_loss_of_each_sequence_alone(tiny_model):
+    model = convert_to_hybrid(tiny_model("qwen3"), [0, 2])
+    data = sequences(model.config.vocab_size, 3)
     batch = DataCollatorWithFlattening()(data)
     with torch.no_grad():
         # use_cache=False, as for training: transformers reads packing from position_ids only without a cache
@@ -35,11 +33,10 @@ def test_packed_loss_equals_the_loss_of_each_sequence_alone():
     torch.testing.assert_close(packed, total / count, rtol=1e-5, atol=1e-6)
 
 
-def test_trainer_fine_tunes_only_the_converted_layers(tmp_path):
+def test_trainer_fine_tunes_only_the_converted_layers(tmp_path, tiny_model):
     from transformers import Trainer, TrainingArguments
 
-    torch.manual_seed(0)
-    model = convert_to_hybrid(Qwen3ForCausalLM(Qwen3Config(**TINY)), [1, 3])
+    model = convert_to_hybrid(tiny_model("qwen3").train(), [1, 3])
     model.config.use_cache = False  # training: no cache, so packed sequences are read from position_ids
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(("model.layers.1.self_attn.", "model.layers.3.self_attn.")))
@@ -55,7 +52,10 @@ def test_trainer_fine_tunes_only_the_converted_layers(tmp_path):
         use_cpu=True,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=sequences(16), data_collator=DataCollatorWithFlattening()
+        model=model,
+        args=args,
+        train_dataset=sequences(model.config.vocab_size, 16),
+        data_collator=DataCollatorWithFlattening(),
     )
     trainer.train()
     after = model.state_dict()

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from test_convert import TINY, tiny_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -23,7 +22,7 @@ CHAT_TEMPLATE = (
 
 
 def tiny_tokenizer():
-    """A byte-level BPE of TINY's vocabulary size, trained on the shipped text, with a chat template."""
+    """A small byte-level BPE (the byte alphabet, the specials and 20 merges), trained on the shipped text, with a chat template."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -41,7 +40,7 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tmp_path_factory, tiny_model):
     """A tiny random Llama with a real tokenizer, saved like a downloaded checkpoint."""
     tokenizer = tiny_tokenizer()
     folder = tmp_path_factory.mktemp("tiny-llama")
@@ -67,7 +66,7 @@ def assert_one_line_error(code, err, *words):
         assert w in line, (w, line)
 
 
-def test_convert_writes_a_hybrid_that_loads_with_the_same_logits(checkpoint, tmp_path, capsys):
+def test_convert_writes_a_hybrid_that_loads_with_the_same_logits(checkpoint, tmp_path, capsys, tiny_ids):
     out_dir = tmp_path / "hybrid"
     code, out, err = run(
         capsys, "convert", checkpoint, out_dir, "--linear-layers", "every:2", "--option", "gate=from_keys"
@@ -84,7 +83,7 @@ def test_convert_writes_a_hybrid_that_loads_with_the_same_logits(checkpoint, tmp
     expected = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     convert_to_hybrid(expected, "every:2", gate="from_keys")
     loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
-    x = torch.randint(3, TINY["vocab_size"], (1, 9))
+    x = tiny_ids(1, 9)
     assert torch.equal(loaded(x).logits, expected(x).logits)
 
 
@@ -187,7 +186,7 @@ def test_generate_uses_the_chat_template_and_converts_on_the_fly(checkpoint, cap
     assert code == 0, err
 
 
-def test_generate_on_a_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys):
+def test_generate_on_a_checkpoint_without_tokenizer_is_a_one_line_error(tmp_path, capsys, tiny_model):
     tiny_model("qwen3").save_pretrained(tmp_path)
     code, _, err = run(capsys, "generate", tmp_path, "--prompt", "Hello")
     assert_one_line_error(code, err, "tokenizer")
