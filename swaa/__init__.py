@@ -47,9 +47,7 @@ def __dir__():
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-# the module of transformers' AutoModel classes; it imports AutoConfig's on the way, so once it has loaded
-# both can take the hybrid classes. (AutoConfig alone, before any AutoModel class is imported, learns
-# them from `swaa.convert.register_hybrid_classes()`.)
+# the module of transformers' AutoModel classes; it imports AutoConfig's on the way
 _AUTO_MODULE = "transformers.models.auto.modeling_auto"
 _registration_lock = threading.Lock()
 
@@ -60,9 +58,46 @@ def _register_hybrid_classes() -> None:
     register_hybrid_classes()
 
 
+def _register_at_first_swaa_lookup() -> None:
+    """Make transformers' config table register the hybrid classes the first time it is asked for a
+    ``swaa_*`` model type, and only then.
+
+    Registering imports the families' modeling modules. Doing it while transformers is still importing
+    (the Auto module often loads halfway through another model module's import) would import that
+    module a second time, half-built; the first lookup of a ``swaa_*`` type comes from a user's
+    ``from_pretrained``/``from_config``, when every import is done.
+    """
+    from transformers.models.auto import configuration_auto
+
+    table = type(configuration_auto.CONFIG_MAPPING)
+    with _registration_lock:
+        if "_swaa_originals" in table.__dict__:
+            return
+        originals = {name: table.__dict__[name] for name in ("__getitem__", "__contains__")}
+        table._swaa_originals = originals
+
+    def registering(name):
+        original = originals[name]
+
+        def method(self, key):
+            if isinstance(key, str) and key.startswith("swaa_"):
+                _register_hybrid_classes()
+                with _registration_lock:  # registered for good: the table goes back to what it was
+                    if "_swaa_originals" in table.__dict__:
+                        for attr, value in originals.items():
+                            setattr(table, attr, value)
+                        del table._swaa_originals
+            return original(self, key)
+
+        return method
+
+    for name in originals:
+        setattr(table, name, registering(name))
+
+
 class _RegisterAfterAutoImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``_AUTO_MODULE`` is imported, it lets the other finders load it,
-    then registers the hybrid classes, and takes itself off ``sys.meta_path``."""
+    """Finds nothing itself: when ``_AUTO_MODULE`` is imported, it lets the other finders load it, then
+    arms :func:`_register_at_first_swaa_lookup`, and takes itself off ``sys.meta_path``."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _AUTO_MODULE:
@@ -86,19 +121,15 @@ class _LoaderThenRegister(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        _remove_hook(self._finder)
-        _register_hybrid_classes()
-
-
-def _remove_hook(finder) -> None:
-    with _registration_lock:
-        if finder in sys.meta_path:
-            sys.meta_path.remove(finder)
+        with _registration_lock:
+            if self._finder in sys.meta_path:
+                sys.meta_path.remove(self._finder)
+        _register_at_first_swaa_lookup()
 
 
 def _install_registration() -> None:
     if _AUTO_MODULE in sys.modules:
-        _register_hybrid_classes()
+        _register_at_first_swaa_lookup()
         return
     with _registration_lock:
         if not any(isinstance(f, _RegisterAfterAutoImport) for f in sys.meta_path):

@@ -130,12 +130,5 @@ def _stop_autotuning_at_first_working_config():
 
 
 def pytest_configure(config):
-    # Workaround, until swaa's hybrid-class registration is fixed: after `import swaa`, the first import of a
-    # transformers model module other than the Auto one (`from transformers import LlamaForCausalLM`) fails
-    # with a circular ImportError, so which test modules loaded first would decide whether the others can
-    # be collected. Loaded here first, the Auto module is in place before any test module imports swaa.
-    # tests/test_imports.py keeps the bug visible in a fresh interpreter (a strict xfail).
-    import transformers.models.auto.modeling_auto  # noqa: F401
-
     if os.environ.get("SWAA_GPU_TEST_FIRST_CONFIG") == "1":
         _stop_autotuning_at_first_working_config()

@@ -38,14 +38,6 @@ def test_the_cli_parser_loads_no_torch():
     assert "torch" not in loaded and "transformers" not in loaded
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.CalledProcessError,
-    reason="swaa/__init__.py registers the hybrid classes from inside transformers.modeling_layers' own "
-    "import of the Auto module; registering then imports modeling_qwen3, which needs modeling_layers "
-    "(circular ImportError; on 5.24 `from transformers import Qwen3ForCausalLM` fails too). Once fixed, "
-    "drop this xfail and the workaround in tests/conftest.py",
-)
 @pytest.mark.parametrize(
     "statement",
     [
