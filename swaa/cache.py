@@ -115,7 +115,6 @@ Example::
     assert cache.get_recurrent_state(0) is None
     unhack_kv_cache_recurrent_state()
 
-``demo()`` prints these steps and what each one does.
 """
 
 from __future__ import annotations
@@ -130,7 +129,6 @@ from transformers import cache_utils as _cu
 
 __all__ = [
     "MAX_LAZY_LAYERS",
-    "demo",
     "hack_kv_cache_recurrent_state",
     "is_hacked",
     "unhack_kv_cache_recurrent_state",
@@ -1200,82 +1198,3 @@ def unhack_kv_cache_recurrent_state() -> None:
 def is_hacked() -> bool:
     """Whether the patch is applied."""
     return _hacked
-
-
-# demo
-
-
-def demo() -> None:
-    """Prints, step by step, what the patch does to a `DynamicCache` (run by `make demo` for now)."""
-    import copy
-
-    from transformers import DynamicCache
-
-    def show(step, cache):
-        lens = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
-        states = [
-            None if s is None else tuple(s.shape)
-            for s in (cache.get_recurrent_state(i) for i in range(len(cache.layers)))
-        ]
-        print(f"{step}\n    seq lengths per layer {lens}, state shapes per layer {states}")
-
-    was_hacked = is_hacked()
-    hack_kv_cache_recurrent_state()
-    try:
-        torch.manual_seed(0)
-        B, H, K, V, T = 2, 2, 4, 4, 6
-        cache = DynamicCache()
-        print(
-            f"hack_kv_cache_recurrent_state(): {type(cache).__name__} gains state_update/get_recurrent_state"
-        )
-
-        state = torch.randn(B, H, K, V)
-        cache.state_update(state, 0, {"num_new_tokens": T, "init_state": True})
-        show(
-            f"layer 0 (linear) stores a [B,H,K,V] state after {T} tokens: state_update(s, 0, "
-            f"{{'num_new_tokens': {T}}})",
-            cache,
-        )
-        print(
-            f"    stored object is the one passed in: {cache.get_recurrent_state(0) is state}; "
-            f"cache.get_seq_length() = {cache.get_seq_length()} (positions keep counting)"
-        )
-
-        cache.update(torch.randn(B, H, T, K), torch.randn(B, H, T, V), 1)
-        show(f"layer 1 (softmax) gets {T} keys through the stock update", cache)
-
-        beam_idx = torch.tensor([1, 0])
-        cache.reorder_cache(beam_idx)
-        print(
-            f"reorder_cache({beam_idx.tolist()}): state rows follow the beams: "
-            f"{torch.equal(cache.get_recurrent_state(0), state[beam_idx])}"
-        )
-
-        cache.batch_repeat_interleave(2)
-        show("batch_repeat_interleave(2): keys and state both go to batch 4", cache)
-
-        twin = copy.deepcopy(cache)
-        print(
-            f"copy.deepcopy(cache): state copied too (equal {torch.equal(twin.get_recurrent_state(0), cache.get_recurrent_state(0))}, "
-            f"same object {twin.get_recurrent_state(0) is cache.get_recurrent_state(0)})"
-        )
-
-        try:
-            cache.crop(-1)
-        except RuntimeError as err:
-            print(f"crop(-1) refused: {str(err)[:90]}...")
-
-        try:
-            cache.state_update([1.0], 0)
-        except TypeError as err:
-            print(f"state_update([1.0], 0) refused: {err}")
-
-        cache.reset()
-        show("reset(): states and token counts cleared (keys reset as transformers does)", cache)
-    finally:
-        if not was_hacked:
-            unhack_kv_cache_recurrent_state()
-            print(
-                f"unhack_kv_cache_recurrent_state(): DynamicCache still has state_update: "
-                f"{hasattr(DynamicCache, 'state_update')}"
-            )

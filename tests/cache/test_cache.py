@@ -719,19 +719,3 @@ def test_module_docstring_example_runs():
     lines = [line[4:] for line in example.splitlines() if line.strip()]
     exec(compile("\n".join(lines), "swaa.cache docstring", "exec"), {})
     hack_kv_cache_recurrent_state()  # the example ends with an unhack; the fixture expects the patch
-
-
-def test_demo_prints_each_step_and_leaves_the_patch_as_found(capsys):
-    was = sc.is_hacked()
-    unhack_kv_cache_recurrent_state()
-    try:
-        before = snapshot()
-        sc.demo()
-        out = capsys.readouterr().out
-        assert "stored object is the one passed in: True; cache.get_seq_length() = 6" in out
-        assert "state rows follow the beams: True" in out
-        assert "crop(-1) refused" in out and "state_update([1.0], 0) refused" in out
-        assert_same_dicts(before, snapshot())
-    finally:
-        if was:
-            hack_kv_cache_recurrent_state()
