@@ -201,25 +201,19 @@ class RecurrentAttentionBase(nn.Module):
         else:
             initial_state = None
 
+        if self._fuses_decode(hidden_states, initial_state):
+            return self._fused_decode(
+                hidden_states, attention_mask, cache, initial_state, position_embeddings, cache_position
+            )
+
         q, k, v = self._heads(hidden_states)
         g = self._gate(hidden_states, k)
         if self.use_rope and position_embeddings is not None:
             q, k = apply_rope(q, k, *position_embeddings)
         q, k = self.q_feature_map(q), self.k_feature_map(k)
 
-        if attention_mask is not None:
-            # where the new tokens sit among the mask's kv columns: after the tokens already seen
-            if cache_position is not None:
-                offset = cache_position[0]
-            elif cache is not None:
-                offset = cache.get_seq_length(self.layer_idx)
-            else:
-                offset = 0
-            keep = tokens_to_keep(attention_mask, T, offset)
-            if keep.shape[0] not in (1, B):
-                raise ValueError(
-                    f"attention_mask must have batch size {B}, got shape {tuple(attention_mask.shape)}"
-                )
+        keep = self._real_tokens(attention_mask, cache, cache_position, B, T)
+        if keep is not None:
             # zero keys and values: a padding position adds nothing to the state; zero log-gate: no decay.
             # where() rather than a product so that garbage (even NaN) at padding cannot leak in
             keep = keep.to(k.device)[:, :, None, None]
@@ -255,6 +249,90 @@ class RecurrentAttentionBase(nn.Module):
         o = self._output_norm_and_gate(o, gate)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).to(hidden_states.dtype)), None
 
+    def _real_tokens(self, attention_mask, cache, cache_position, B: int, T: int) -> torch.Tensor | None:
+        """``[B or 1, T]`` bool, True where a new position is a real token, from whatever mask the host
+        passed (see :func:`tokens_to_keep`); None when nothing is masked."""
+        if attention_mask is None:
+            return None
+        # where the new tokens sit among the mask's kv columns: after the tokens already seen
+        if cache_position is not None:
+            offset = cache_position[0]
+        elif cache is not None:
+            offset = cache.get_seq_length(self.layer_idx)
+        else:
+            offset = 0
+        keep = tokens_to_keep(attention_mask, T, offset)
+        if keep.shape[0] not in (1, B):
+            raise ValueError(
+                f"attention_mask must have batch size {B}, got shape {tuple(attention_mask.shape)}"
+            )
+        return keep
+
+    def _fusable(self) -> bool:
+        """Whether :func:`swaa.kernels.fused_decode_step` computes this layer's gate and normalisation
+        (a subclass says; not the base)."""
+        return False
+
+    def _gate_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The fused step's gate logits ``[B, T, Hk, K]``: ``g = logsigmoid(logits) / normalizer``; None
+        when the layer has no gate."""
+        return None
+
+    def _is_static(self, cache) -> bool:
+        # a cache layer meant for compiled decode (a static cache's): its state buffer stays put
+        layers = getattr(cache, "layers", None)
+        return layers is not None and bool(getattr(layers[self.layer_idx], "is_compileable", False))
+
+    def _fuses_decode(self, hidden_states: torch.Tensor, state) -> bool:
+        """Whether this forward takes the fused decode step: one token on CUDA onto a state already in
+        the cache, the default backend, the identity feature map, and no gradients (the fused kernel
+        has no backward). The unfused path computes the same thing in a dozen more kernels."""
+        return (
+            hidden_states.shape[1] == 1
+            and isinstance(state, torch.Tensor)
+            and self.backend == "auto"
+            and self.feature_map == "identity"
+            and self._fusable()
+            and not torch.is_grad_enabled()
+            and kernels.fused_step_available(hidden_states)
+        )
+
+    def _fused_decode(self, hidden_states, attention_mask, cache, state, position_embeddings, cache_position):
+        # the decode step with everything between the projections and the output norm in one kernel
+        gate_logits = self._gate_logits(hidden_states)
+        B = hidden_states.shape[0]
+        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, 1, H, D)
+        k = self.k_proj(hidden_states).view(B, 1, Hk, D)
+        v = self.v_proj(hidden_states).view(B, 1, Hk, D)
+        keep = self._real_tokens(attention_mask, cache, cache_position, B, 1)
+        rope = self.use_rope and position_embeddings is not None
+        cos, sin = position_embeddings if rope else (None, None)
+        in_place = self._is_static(cache)
+        qk_norm = self.shape.qk_norm
+        o, new_state = kernels.fused_decode_step(
+            q,
+            k,
+            v,
+            gate_logits,
+            state=state,
+            scale=self.scale if self.scale is not None else D**-0.5,
+            gate_normalizer=getattr(self, "gate_logit_normalizer", 1.0),
+            q_norm_weight=self.q_norm.weight if qk_norm else None,
+            k_norm_weight=self.k_norm.weight if qk_norm else None,
+            norm_eps=self.shape.rms_norm_eps,
+            cos=cos,
+            sin=sin,
+            keep=None if keep is None else keep[:, 0].expand(B),
+            # on a static cache the state buffer is overwritten (its address is what a CUDA graph
+            # replays); a DynamicCache's stored state may still be held by a caller: a new one
+            state_out=None if in_place else torch.empty_like(state),
+        )
+        cache.state_update(new_state, self.layer_idx, {"num_new_tokens": 1})
+        gate = self.g_proj(hidden_states).view_as(o) if self.output_gate else None
+        o = self._output_norm_and_gate(o, gate)
+        return self.o_proj(o.reshape(B, 1, H * D).to(hidden_states.dtype)), None
+
     def _steps_in_place(self, cache, state, cu_seqlens, *inputs) -> bool:
         """Whether this forward is a decode step that may update the cached state in place: one token, a
         state already in a cache layer meant for compiled decode (``is_compileable``: a static cache,
@@ -263,8 +341,7 @@ class RecurrentAttentionBase(nn.Module):
         overwritten there."""
         if state is None or cu_seqlens is not None or inputs[0].shape[1] != 1 or self.backend != "auto":
             return False
-        layers = getattr(cache, "layers", None)
-        if layers is None or not getattr(layers[self.layer_idx], "is_compileable", False):
+        if not self._is_static(cache):
             return False
         return not (torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs))
 

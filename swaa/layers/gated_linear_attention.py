@@ -161,6 +161,14 @@ class GatedLinearAttention(RecurrentAttentionBase):
         with torch.no_grad():
             self.gk_proj[1].bias.copy_(bias.repeat(self.num_kv_heads))
 
+    def _fusable(self):
+        # the fused decode step computes the low-rank gate's log-sigmoid; the key-pooled gate is not fused
+        return self.gate == "low_rank"
+
+    def _gate_logits(self, hidden_states):
+        B, T, _ = hidden_states.shape
+        return self.gk_proj(hidden_states).view(B, T, self.num_kv_heads, self.key_feature_dim)
+
     def _gate(self, hidden_states, k):
         B, T, Hk, _ = k.shape
         if self.gate == "low_rank":

@@ -109,6 +109,10 @@ class LinearAttention(RecurrentAttentionBase):
         )
         self.normalize = check_bool("normalize", normalize)
 
+    def _fusable(self):
+        # the fused decode step has no normaliser (a running key sum would need its own reduction)
+        return not self.normalize
+
     def _mix(self, q, k, v, g, initial_state, output_final_state, cu_seqlens=None):
         return kernels.linear_attn(
             q,
