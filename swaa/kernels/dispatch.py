@@ -22,6 +22,11 @@ from swaa.kernels.varlen import Packing
 
 def run(p: Problem, q, k, v, g, initial_state, cu_seqlens):
     """Compute one call that `check_inputs` accepted (`p`); returns `(o, final_state)`."""
+    if cu_seqlens is None and (p.B == 0 or p.T == 0):
+        # nothing to compute: every path would divide by B or launch an empty grid. An explicit
+        # backend="fla" that cannot run still says so
+        fla_adapter.use_fla(p.backend, q)
+        return v.new_zeros(v.shape), (_unchanged_state(p, q, initial_state) if p.output_final_state else None)
     if p.T == 1 and cu_seqlens is None and p.backend == "auto":
         return _decode(p, q, k, v, g, initial_state)
     if fla_adapter.use_fla(p.backend, q):
@@ -69,8 +74,6 @@ def _torch(p, q, k, v, g, state, cu_seqlens):
         padded = [None if x is None else pk.pad(x) for x in (q, k, v, g)]
         o, S = _chunk_torch(p, *padded, state)
         return pk.unpad(o), S
-    if p.T == 0:
-        return v.new_zeros(v.shape), (_unchanged_state(p, q, state) if p.output_final_state else None)
     if p.T == 1:
         return _step_torch(p, q, k, v, g, state, p.output_final_state)
     return _chunk_torch(p, q, k, v, g, state)
