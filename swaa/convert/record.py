@@ -18,7 +18,12 @@ __all__ = ["KINDS", "RECORD_KEY", "check_kind", "check_options", "hybrid_record"
 RECORD_KEY = "swaa_hybrid"
 
 # conversion kind -> class name in swaa.layers
-KINDS = {"gla": "GatedLinearAttention", "linear": "LinearAttention"}
+KINDS = {
+    "gla": "GatedLinearAttention",
+    "linear": "LinearAttention",
+    "swa_gla": "SlidingWindowGatedLinearAttention",
+    "swa_linear": "SlidingWindowLinearAttention",
+}
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 

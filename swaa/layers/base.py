@@ -27,9 +27,16 @@ __all__ = ["RecurrentAttentionBase"]
 
 def ensure_cache_patch() -> None:
     """Apply the swaa cache patch unless it is in place. Asked of ``swaa.cache`` at every forward with a
-    cache (a flag read), so a model keeps working after someone unhacks and a new cache arrives."""
-    if not swaa_cache.is_hacked():
-        swaa_cache.hack_kv_cache_recurrent_state()
+    cache (a flag read), so a model keeps working after someone unhacks and a new cache arrives; and at
+    a layer's construction, so that a model traced before any eager forward (torch.export) finds it."""
+    if swaa_cache.is_hacked():
+        return
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "the swaa cache patch is not applied and cannot be applied while torch.compile / torch.export "
+            "traces the model: call swaa.hack_kv_cache_recurrent_state() before compiling or exporting"
+        )
+    swaa_cache.hack_kv_cache_recurrent_state()
 
 
 class RecurrentAttentionBase(nn.Module):
@@ -68,6 +75,7 @@ class RecurrentAttentionBase(nn.Module):
     ):
         super().__init__()
         check_int("layer_idx", layer_idx, minimum=0, allow_none=True)
+        ensure_cache_patch()
         if backend not in kernels.BACKENDS:
             raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
         if feature_map not in FEATURE_MAPS:
