@@ -11,5 +11,13 @@ and the cache argument as transformers passes them), ``modules`` (RMSNorm, RoPE)
 from swaa.layers.feature_maps import FEATURE_MAPS
 from swaa.layers.gated_linear_attention import GATES, GatedLinearAttention
 from swaa.layers.linear_attention import LinearAttention
+from swaa.layers.sliding_window import SlidingWindowGatedLinearAttention, SlidingWindowLinearAttention
 
-__all__ = ["FEATURE_MAPS", "GATES", "GatedLinearAttention", "LinearAttention"]
+__all__ = [
+    "FEATURE_MAPS",
+    "GATES",
+    "GatedLinearAttention",
+    "LinearAttention",
+    "SlidingWindowGatedLinearAttention",
+    "SlidingWindowLinearAttention",
+]
