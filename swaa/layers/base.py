@@ -91,6 +91,12 @@ class RecurrentAttentionBase(nn.Module):
         check_number("norm_eps", norm_eps, positive=True, allow_none=True)
         self.config = config
         self.layer_idx = layer_idx
+        unknown = sorted(set(shape) - set(SHAPE_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {unknown}; its options: {list(self.option_names)}, "
+                f"and the shape keywords {list(SHAPE_KEYWORDS)}"
+            )
         self.shape = resolve_shape(config, **shape)
         # options are plain attributes: `layer.backend = "torch"` switches the kernels of a built layer
         self.feature_map, self.use_rope, self.scale = feature_map, use_rope, scale

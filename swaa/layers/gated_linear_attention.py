@@ -35,12 +35,10 @@ class GatedLinearAttention(RecurrentAttentionBase):
             ``rms_norm_eps`` and ``model_type`` (which decides biases and q/k norms). Default: None.
         layer_idx (int, Optional):
             Index of the layer in the model; needed to keep the state in a cache. Default: None.
-        hidden_size, num_heads, num_kv_heads, head_dim (int, Optional):
-            Shape keywords; override the config or replace it.
-        attention_bias, qkv_bias, o_bias, qk_norm (bool, Optional):
-            Override the family's bias / q-k norm layout.
-        rms_norm_eps (float, Optional):
-            Epsilon of ``q_norm``/``k_norm``. Default: from the config, else 1e-6.
+        **shape:
+            The shape keywords ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``head_dim``,
+            ``attention_bias``, ``qkv_bias``, ``o_bias``, ``qk_norm``, ``rms_norm_eps``: each overrides
+            what the config says, or replaces it (see :func:`swaa.layers.shape.resolve_shape`).
         use_rope (bool, Optional):
             Rotate q and k by the host's ``position_embeddings`` before the feature map. Default: True:
             the pretrained q/k projections expect rotated products; rotation is skipped when the host
@@ -88,15 +86,6 @@ class GatedLinearAttention(RecurrentAttentionBase):
         config=None,
         layer_idx: int | None = None,
         *,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_bias: bool | None = None,
-        qkv_bias: bool | None = None,
-        o_bias: bool | None = None,
-        qk_norm: bool | None = None,
-        rms_norm_eps: float | None = None,
         gate: str = "low_rank",
         gate_low_rank_dim: int = 16,
         gate_logit_normalizer: float = 16.0,
@@ -107,21 +96,12 @@ class GatedLinearAttention(RecurrentAttentionBase):
         output_gate: bool = False,
         norm_eps: float | None = None,
         backend: str = "auto",
+        **shape,
     ):
         super().__init__(
             config,
             layer_idx,
-            shape=dict(
-                hidden_size=hidden_size,
-                num_heads=num_heads,
-                num_kv_heads=num_kv_heads,
-                head_dim=head_dim,
-                attention_bias=attention_bias,
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                qk_norm=qk_norm,
-                rms_norm_eps=rms_norm_eps,
-            ),
+            shape=shape,
             feature_map=feature_map,
             use_rope=use_rope,
             scale=scale,

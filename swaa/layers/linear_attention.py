@@ -27,12 +27,10 @@ class LinearAttention(RecurrentAttentionBase):
             ``rms_norm_eps`` and ``model_type`` (which decides biases and q/k norms). Default: None.
         layer_idx (int, Optional):
             Index of the layer in the model; needed to keep the state in a cache. Default: None.
-        hidden_size, num_heads, num_kv_heads, head_dim (int, Optional):
-            Shape keywords; override the config or replace it.
-        attention_bias, qkv_bias, o_bias, qk_norm (bool, Optional):
-            Override the family's bias / q-k norm layout.
-        rms_norm_eps (float, Optional):
-            Epsilon of ``q_norm``/``k_norm``. Default: from the config, else 1e-6.
+        **shape:
+            The shape keywords ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``head_dim``,
+            ``attention_bias``, ``qkv_bias``, ``o_bias``, ``qk_norm``, ``rms_norm_eps``: each overrides
+            what the config says, or replaces it (see :func:`swaa.layers.shape.resolve_shape`).
         feature_map (str, Optional):
             ``identity``, ``elu``, ``relu``, ``softmax`` or ``hedgehog`` (see ``swaa.layers.feature_maps``).
             Default: ``softmax``: positive without new parameters, and exp-shaped like the kernel of the
@@ -67,15 +65,6 @@ class LinearAttention(RecurrentAttentionBase):
         config=None,
         layer_idx: int | None = None,
         *,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_bias: bool | None = None,
-        qkv_bias: bool | None = None,
-        o_bias: bool | None = None,
-        qk_norm: bool | None = None,
-        rms_norm_eps: float | None = None,
         feature_map: str = "softmax",
         normalize: bool = True,
         use_rope: bool = True,
@@ -84,21 +73,12 @@ class LinearAttention(RecurrentAttentionBase):
         output_gate: bool = False,
         norm_eps: float | None = None,
         backend: str = "auto",
+        **shape,
     ):
         super().__init__(
             config,
             layer_idx,
-            shape=dict(
-                hidden_size=hidden_size,
-                num_heads=num_heads,
-                num_kv_heads=num_kv_heads,
-                head_dim=head_dim,
-                attention_bias=attention_bias,
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                qk_norm=qk_norm,
-                rms_norm_eps=rms_norm_eps,
-            ),
+            shape=shape,
             feature_map=feature_map,
             use_rope=use_rope,
             scale=scale,
