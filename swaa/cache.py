@@ -78,8 +78,28 @@ Beyond the API:
 - The state follows ``reorder_cache`` (beam search), ``batch_repeat_interleave``,
   ``batch_select_indices``, ``offload``/``prefetch`` and ``copy.deepcopy``; a tuple state is handled
   tensor by tensor. ``reset()`` clears the state and the token count.
-- ``crop`` cannot roll a recurrent state back: on a layer that holds one (or has absorbed tokens into
-  one) it raises RuntimeError, and ``cache.crop`` checks every layer before touching any.
+- ``crop`` rolls a recurrent state back (speculative decoding: assisted and prompt-lookup generation crop
+  the tokens a verification step rejected). ``activate_past_recording()`` (transformers 5.x has it on
+  ``Cache``; the patch adds it to every layer class without one and, on 4.x, to ``Cache``, and makes 4.x
+  ``generate()`` call it where 5.x does: on assisted decoding's cache and the assistant's) sets the layer
+  flag ``record_past``; from then on each ``state_update`` that counts tokens keeps the state before it
+  (no copy on a dynamic layer; a static layer copies its buffer aside) and the call's inputs when the
+  caller hands them, ``cache_kwargs["rollback"] = (absorb, inputs)``: ``inputs`` a tuple of ``[B, n,
+  ...]`` tensors (or None) holding the call's ``n = num_new_tokens`` tokens on dim 1, ``absorb(state,
+  *inputs_of_the_first_m_tokens)`` the state after them (``state`` None: a zero state). The cache knows
+  no kernel: the layer hands both. ``crop`` to any length since the layer's last crop, at most
+  ``MAX_ROLLBACK_TOKENS`` tokens back, then gives the state of that length exactly (a call without its
+  inputs only as a whole); what was kept goes at the crop (and at ``reset``, or any store not recorded).
+  To no tokens (a zero state) or to all of them it always works. Anything else raises RuntimeError
+  saying why and how far back the layer reaches, and ``cache.crop`` checks every layer before touching
+  any, so a refused crop changes nothing. ``crop``'s argument means what transformers gives it (5.x:
+  minus the tokens to remove; 4.x: the length to keep, or minus the tokens to remove). ``is_croppable``
+  (5.x) is True for a layer holding a state only while it records; a static layer holding a state
+  reports ``is_compileable`` False while recording (as transformers' own linear-attention layers do), so
+  swaa's layers take no in-place step whose earlier state a rollback would need. transformers' own
+  linear-attention layers holding a swaa state are not rolled back.
+- A state whose batch size (dim 0) differs from the layer's keys or from the state it holds is refused
+  (ValueError naming both sizes, nothing changed): batch operations would later drop or repeat rows.
 - Bad input raises TypeError / ValueError / IndexError naming the argument and changes nothing.
 - hack is idempotent (a second call also patches layer classes defined since the first one, e.g. in a
   modeling module imported later), unhack without hack does nothing, both are thread-safe, and the
@@ -120,6 +140,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 import threading
 import weakref
@@ -129,6 +150,7 @@ from transformers import cache_utils as _cu
 
 __all__ = [
     "MAX_LAZY_LAYERS",
+    "MAX_ROLLBACK_TOKENS",
     "hack_kv_cache_recurrent_state",
     "is_hacked",
     "unhack_kv_cache_recurrent_state",
@@ -138,6 +160,14 @@ __all__ = [
 # many layers; the bound turns a wrong `layer_idx` (10**9) into an immediate IndexError instead of a loop
 # that allocates millions of layer objects.
 MAX_LAZY_LAYERS = 4096
+
+# How far back `crop` can roll a recurrent state, in tokens, while the layer records the past (assisted and
+# prompt-lookup decoding): transformers drafts 20 tokens by default (prompt lookup: as asked), and a
+# verification step feeds the draft plus one. What a layer keeps for it costs the inputs of these tokens
+# (keys, values, gates: a few kB per token and layer), plus one state per recorded call that cannot be
+# recomputed; a longer call (a prefill) is first advanced to this bound, at the cost of running the linear
+# kernel once more over the rest. Read at every use: raise it before generating with longer drafts.
+MAX_ROLLBACK_TOKENS = 128
 
 # instance attributes the patch keeps on a layer (native layers keep the state itself in slot 0)
 _STATE = "_swaa_recurrent_state"
@@ -150,6 +180,12 @@ _COUNT_INT = "_swaa_num_tokens_int"
 _KV_END = "_swaa_kv_end"
 _HOME = "_swaa_state_device"
 _OWNS_SLOT0 = "_swaa_owns_slot0"
+# what a layer recording the past keeps so that `crop` can roll its state back (a `_Rollback`, or None)
+_LOG = "_swaa_rollback"
+# transformers' own flag (5.x sliding and linear-attention layers): set by `activate_past_recording`
+_RECORD = "record_past"
+# on a cache: recording asked for, so lazily created layers record too
+_CACHE_RECORD = "_swaa_record_past"
 
 _NATIVE = getattr(_cu, "LinearAttentionCacheLayerMixin", None)
 _STATIC = _cu.StaticLayer
@@ -166,6 +202,11 @@ _BATCH_ATTR = (
 # Python-int token counters some layers size their masks from (sliding windows)
 _INT_COUNTERS = ("cumulative_length", "cumulative_length_int")
 _MISSING = object()
+# what `crop(n)` means: transformers 5.x removes -n tokens (n <= 0); 4.x keeps n tokens (n >= 0) or removes
+# -n (n < 0). Read from the stock method's argument name, before any patch.
+_CROP_REMOVES = "tokens_to_remove" in inspect.signature(_cu.DynamicLayer.crop).parameters
+# 5.x records the past (and generate() asks for it in assisted decoding); on 4.x the patch adds both
+_STOCK_RECORDING = hasattr(_cu.Cache, "activate_past_recording")
 
 _lock = threading.RLock()
 _saved: dict[type, dict[str, object]] = {}  # class -> {attribute name: original value or _MISSING}
@@ -240,6 +281,62 @@ def _check_cache_kwargs(cache_kwargs, has_state: bool) -> None:
             raise ValueError(
                 f"`cache_kwargs['num_new_tokens']` = {n} was given without a state: tokens are counted only "
                 "when a new recurrent state that absorbed them is stored"
+            )
+    if "rollback" in cache_kwargs:
+        _check_rollback(cache_kwargs["rollback"], cache_kwargs.get("num_new_tokens"))
+
+
+def _check_rollback(rollback, n) -> None:
+    """`cache_kwargs['rollback']`: `(absorb, inputs)`, `inputs` a tuple of `[B, n, ...]` tensors (or None)."""
+    name = "cache_kwargs['rollback']"
+    if not isinstance(rollback, tuple) or len(rollback) != 2:
+        raise TypeError(f"`{name}` must be a tuple (absorb, inputs), got {type(rollback).__name__}")
+    absorb, inputs = rollback
+    if not callable(absorb):
+        raise TypeError(f"`{name}[0]` (absorb) must be callable, got {type(absorb).__name__}")
+    if not isinstance(inputs, tuple) or not any(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError(
+            f"`{name}[1]` (inputs) must be a tuple of tensors (or None), got {type(inputs).__name__}"
+        )
+    if isinstance(n, torch.SymInt):
+        return  # traced: shapes are symbolic too
+    if n is None:
+        raise ValueError(
+            f"`{name}` needs `cache_kwargs['num_new_tokens']`: the number of tokens its inputs hold"
+        )
+    for i, x in enumerate(inputs):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}[1][{i}]` must be a tensor or None, got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[1] != n:
+            raise ValueError(
+                f"`{name}[1][{i}]` must be [B, num_new_tokens={n}, ...] (tokens on dim 1), got shape {tuple(x.shape)}"
+            )
+
+
+def _check_state_batch(layer, state, keys=None) -> None:
+    """Refuses a state whose batch size (dim 0) differs from the layer's keys (or the `keys` being stored
+    with it) or from its previous state: batch operations would later drop or duplicate rows silently."""
+    first = _tensors(state)[0]
+    if first.dim() == 0:
+        return
+    batch = first.shape[0]
+    if not isinstance(keys, torch.Tensor):
+        keys = getattr(layer, "keys", None)
+    if isinstance(keys, torch.Tensor) and keys.dim() >= 3 and keys.shape[0] != batch:
+        raise ValueError(
+            f"`recurrent_state` has batch size {batch}, but the keys of this {type(layer).__name__} have batch "
+            f"size {keys.shape[0]}: a layer's state and keys hold the same sequences; nothing was changed"
+        )
+    previous = _read(layer)
+    if previous is not None:
+        before = _tensors(previous)[0]
+        if before.dim() > 0 and before.shape[0] != batch:
+            raise ValueError(
+                f"`recurrent_state` has batch size {batch}, but the state this {type(layer).__name__} holds has "
+                f"batch size {before.shape[0]}: change the batch with the cache's batch operations (or reset it "
+                "first); nothing was changed"
             )
 
 
@@ -485,6 +582,10 @@ def _is_int(value) -> bool:
 
 def _store(layer, state, cache_kwargs):
     """Stores `state` (as it is, or copied into the layer's buffer) and returns what is stored."""
+    # before the store: a buffered layer's previous state is about to be overwritten
+    log = _next_log(layer, state, cache_kwargs)
+    if log is not None or getattr(layer, _LOG, None) is not None:
+        setattr(layer, _LOG, log)
     if _is_buffered(layer):
         state = _write_buffer(layer, state)
     else:
@@ -509,6 +610,136 @@ def _map_state(state, fn):
         # in place on every tensor: the same tuple object, as for a single buffer
         return state if all(a is b for a, b in zip(moved, state)) else moved
     return fn(state)
+
+
+# rolling a state back (speculative decoding): while a layer records the past, each `state_update` that
+# counts tokens keeps what `crop` needs to return to any length since the last crop: the state before the
+# call (reused from the stored state: no copy on a dynamic layer) and, when the caller hands them, the
+# call's inputs and a function that absorbs them into a state. Calls whose inputs are kept join into one
+# segment (its later states can be recomputed), so a draft of n tokens costs n tokens of inputs, not n
+# states. Memory goes at the next crop, reset, or any store that is not recorded.
+
+
+class _Segment:
+    """Tokens `[pos, pos + n)` of a layer: the state at `pos` and, if kept, what recomputes the rest."""
+
+    __slots__ = ("pos", "state", "chunks", "absorb", "n")
+
+    def __init__(self, pos, state, chunks, absorb, n):
+        self.pos, self.state, self.chunks, self.absorb, self.n = pos, state, chunks, absorb, n
+
+    def inputs(self, stop=None) -> tuple:
+        """The kept inputs of tokens `[pos, pos + stop)`, each `[B, stop, ...]` (None stays None)."""
+        joined = tuple(
+            None if parts[0] is None else (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+            for parts in zip(*self.chunks)
+        )
+        return joined if stop is None else tuple(None if x is None else x[:, :stop] for x in joined)
+
+
+class _Rollback:
+    """The segments a layer kept since its last crop, ending at its token count `end`."""
+
+    __slots__ = ("segments", "end")
+
+    def __init__(self, segments, end):
+        self.segments, self.end = segments, end
+
+    @property
+    def floor(self) -> int:
+        return self.segments[0].pos
+
+    def reaches(self, target: int) -> bool:
+        if target == self.end:
+            return True
+        for seg in self.segments:
+            if target == seg.pos or (seg.chunks is not None and seg.pos < target < seg.pos + seg.n):
+                return True
+        return False
+
+    def state_at(self, target: int):
+        for seg in self.segments:
+            if target == seg.pos:
+                return seg.state
+            if seg.pos < target < seg.pos + seg.n:
+                return seg.absorb(seg.state, *seg.inputs(target - seg.pos))
+        raise AssertionError(f"no segment reaches {target}")  # callers ask `reaches` first
+
+
+def _count_value(layer) -> int:
+    """The layer's token count as a Python int (eager calls only)."""
+    count = getattr(layer, _COUNT, None)
+    if isinstance(count, torch.Tensor):
+        return _count_int(layer)
+    return count or 0
+
+
+def _recording(layer) -> bool:
+    return getattr(layer, _RECORD, False) is True
+
+
+def _next_log(layer, state, cache_kwargs):
+    """What the layer keeps for a rollback once `state` is stored, or None (nothing earlier can be reached)."""
+    if _compiling() or not _recording(layer) or _is_native(layer) or not cache_kwargs:
+        return None
+    n = cache_kwargs.get("num_new_tokens")
+    if not n:
+        return None  # a state replaced without tokens: it cannot be placed among earlier ones
+    start = _count_value(layer)
+    before = _read(layer)
+    if before is not None and _is_buffered(layer):
+        if any(a is b for a in _tensors(state) for b in _tensors(before)):
+            return None  # written in place by the caller: the earlier state is gone
+        before = _map_state(before, lambda t: t.clone())
+    log = getattr(layer, _LOG, None)
+    segments = list(log.segments) if log is not None and log.end == start else []
+    absorb, inputs = cache_kwargs.get("rollback") or (None, None)
+    last = segments[-1] if segments else None
+    if inputs is not None and last is not None and last.chunks is not None and last.pos + last.n == start:
+        # the state before this call can be recomputed from the previous segment: extend it instead
+        segments[-1] = _Segment(last.pos, last.state, [*last.chunks, inputs], absorb, last.n + n)
+    else:
+        segments.append(_Segment(start, before, None if inputs is None else [inputs], absorb, n))
+    return _Rollback(_bounded(segments, start + n), start + n)
+
+
+def _bounded(segments: list, end: int) -> list:
+    """Drops (or advances) the oldest segments so that about `MAX_ROLLBACK_TOKENS` tokens stay reachable."""
+    floor = end - MAX_ROLLBACK_TOKENS
+    while len(segments) > 1 and segments[1].pos <= floor:
+        segments.pop(0)
+    first = segments[0]
+    if first.pos < floor and first.chunks is not None:
+        cut = floor - first.pos
+        inputs = first.inputs()
+        state = first.absorb(first.state, *(None if x is None else x[:, :cut] for x in inputs))
+        rest = tuple(None if x is None else x[:, cut:].clone() for x in inputs)  # the cut part's memory goes
+        segments[0] = _Segment(floor, state, [rest], first.absorb, first.n - cut)
+    return segments
+
+
+def _map_log(layer, fn) -> None:
+    """Applies a batch operation to what the layer kept for a rollback (tensors with the batch on dim 0)."""
+    log = getattr(layer, _LOG, None)
+    if log is None:
+        return
+
+    def move(x):
+        if x is None:
+            return None
+        return _map_state(x, fn) if isinstance(x, (torch.Tensor, tuple)) else x
+
+    segments = [
+        _Segment(
+            s.pos,
+            move(s.state),
+            None if s.chunks is None else [tuple(move(x) for x in chunk) for chunk in s.chunks],
+            s.absorb,
+            s.n,
+        )
+        for s in log.segments
+    ]
+    setattr(layer, _LOG, _Rollback(segments, log.end))
 
 
 # methods added to every layer class
@@ -536,6 +767,7 @@ def _layer_state_update(self, recurrent_state, cache_kwargs=None):
         return _read(self)
     _check_state(recurrent_state)
     _check_cache_kwargs(cache_kwargs, has_state=True)
+    _check_state_batch(self, recurrent_state)
     _check_state_room(self, cache_kwargs)
     return _store(self, recurrent_state, cache_kwargs)
 
@@ -552,6 +784,7 @@ def _layer_set_recurrent_state(self, state):
         _drop(self)
         return None
     _check_state(state, "state")
+    _check_state_batch(self, state)
     return _store(self, state, None)
 
 
@@ -737,6 +970,7 @@ def _wrap_batch(orig, name):
             if state is not None:
                 fns = _BUFFER_FNS if _is_buffered(self) else _BATCH_FNS
                 _place(self, _map_state(state, fns[name](self, arg)))
+            _map_log(self, _BATCH_FNS[name](self, arg))  # never buffers: new tensors
         finally:
             guards.discard(key)
             depth[id(self)] -= 1
@@ -780,6 +1014,7 @@ def _wrap_reset(orig, name):
             else:
                 _drop(self)
                 self.__dict__.pop(_COUNT, None)
+            self.__dict__.pop(_LOG, None)
         finally:
             guards.discard(key)
         return out
@@ -787,29 +1022,130 @@ def _wrap_reset(orig, name):
     return wrapper
 
 
-def _crop_refusal(layer) -> str | None:
-    count = layer.__dict__.get(_COUNT, 0)
-    count = int(count) if isinstance(count, torch.Tensor) else count
-    if _read(layer) is not None or count:
-        return (
-            f"{type(layer).__name__} holds a recurrent state ({count} absorbed tokens), which cannot be rolled "
-            "back: `crop` would leave a state that no longer matches the cached tokens. Rebuild the cache "
-            "(or `reset` it and run the prefix again) instead"
+def _crop_target(layer, args, kwargs):
+    """`(target, reason)`: the token count `crop(*args, **kwargs)` leaves this layer with, and why its state
+    cannot be rolled back there (None when it can); `(None, None)` for a layer that holds no state, which
+    transformers' own `crop` handles. Bad arguments raise TypeError / ValueError. Changes nothing."""
+    count = _count_value(layer)
+    if _read(layer) is None and not count:
+        return None, None
+    values = [*args, *kwargs.values()]
+    if len(values) != 1:
+        raise TypeError(f"`crop` takes one argument, got {len(values)}")
+    arg = values[0]
+    if (
+        isinstance(arg, torch.Tensor)
+        and arg.numel() == 1
+        and not arg.is_floating_point()
+        and arg.dtype != torch.bool
+    ):
+        arg = int(arg)  # a static cache's length is a tensor: generate() crops by differences of them
+    if isinstance(arg, bool) or not isinstance(arg, numbers.Integral):
+        raise TypeError(f"`crop`'s argument must be an int, got {type(arg).__name__} ({arg!r})")
+    arg = int(arg)
+    if _CROP_REMOVES:
+        if arg > 0:
+            raise ValueError(
+                f"`tokens_to_remove` must be <= 0 (minus the number of tokens to remove), got {arg}"
+            )
+        target = count + arg
+    else:  # 4.x: a length to keep, or minus the number of tokens to remove
+        target = count + arg if arg < 0 else min(arg, count)
+    target = max(target, 0)
+    held = f"{type(layer).__name__} holds a recurrent state ({count} absorbed tokens), which cannot be rolled back"
+    if _is_native(layer):
+        return target, f"{held}: swaa rolls back no state of transformers' own linear-attention layers"
+    if target in (0, count):
+        return target, None  # no tokens (no state), or nothing to undo
+    log = getattr(layer, _LOG, None)
+    if log is not None and log.end == count and log.reaches(target):
+        return target, None
+    limit = f"swaa.cache.MAX_ROLLBACK_TOKENS = {MAX_ROLLBACK_TOKENS}"
+    if not _recording(layer):
+        why = (
+            "a layer keeps what a rollback needs only while it records the past: call "
+            "`cache.activate_past_recording()` before the forward whose tokens may be cropped (generate() does "
+            f"for assisted and prompt-lookup decoding); it then reaches back to its last crop, at most {limit} "
+            "tokens"
         )
-    return None
+    elif log is None or log.end != count:
+        why = (
+            "nothing it can roll back to was recorded since its last crop (a state stored without its tokens, "
+            "or written in place)"
+        )
+    else:
+        why = f"it reaches back only to {log.floor} tokens (its last crop, at most {limit} tokens back)"
+    return target, (
+        f"{held} to {target} tokens: {why}. Rebuild the cache (or `reset` it and run the prefix again) "
+        "instead; nothing was changed"
+    )
+
+
+def _set_rolled_back(layer, target: int, state) -> None:
+    """The layer after a crop to `target` tokens: `state` (`_MISSING`: the one it holds; None: none)."""
+    if state is None:
+        if _is_buffered(layer):
+            for t in _tensors(_owned(layer)) if _owned(layer) is not None else ():
+                t.zero_()  # in place, as `reset`: the buffer keeps its address
+        _drop(layer)
+    elif state is not _MISSING:
+        if _is_buffered(layer):
+            _write_buffer(layer, state)
+        else:
+            _place(layer, state)
+            layer.__dict__[_HOME] = _tensors(state)[0].device
+        _set_holds_state(layer, True)
+    count = getattr(layer, _COUNT, None)
+    if isinstance(count, torch.Tensor):
+        count.fill_(target)
+        setattr(layer, _COUNT_INT, target)
+    elif target:
+        layer.__dict__[_COUNT] = target
+    else:
+        layer.__dict__.pop(_COUNT, None)
+    layer.__dict__.pop(_LOG, None)
 
 
 def _wrap_crop(orig, name):
     @functools.wraps(orig)
     def wrapper(self, *args, **kwargs):
-        reason = _crop_refusal(self)
+        guards = _guards()
+        key = (id(self), name)
+        if key in guards:  # a subclass's crop calling super(): the outer call rolls the state back
+            return orig(self, *args, **kwargs)
+        target, reason = _crop_target(self, args, kwargs)
         if reason is not None:
             raise RuntimeError(f"cannot crop: {reason}")
-        try:
-            return orig(self, *args, **kwargs)
-        finally:
-            if isinstance(self, _STATIC):
-                setattr(self, _KV_END, None)  # crop moved `cumulative_length`
+        if target is None:
+            try:
+                return orig(self, *args, **kwargs)
+            finally:
+                if isinstance(self, _STATIC):
+                    setattr(self, _KV_END, None)  # crop moved `cumulative_length`
+        count = _count_value(self)
+        if target == count:
+            state = _MISSING
+        elif target == 0:
+            state = None
+        else:
+            state = getattr(self, _LOG).state_at(target)  # computed before anything changes
+        out = None
+        if getattr(self, "is_initialized", False):
+            # keys too (a layer with both): transformers crops them, seeing the KV length only
+            guards.add(key)
+            depth = _raw_depth()
+            depth[id(self)] = depth.get(id(self), 0) + 1
+            try:
+                out = orig(self, *args, **kwargs)
+            finally:
+                guards.discard(key)
+                depth[id(self)] -= 1
+                if not depth[id(self)]:
+                    del depth[id(self)]
+                if isinstance(self, _STATIC):
+                    setattr(self, _KV_END, None)
+        _set_rolled_back(self, target, state)
+        return out
 
     return wrapper
 
@@ -830,6 +1166,7 @@ def _wrap_update(orig, name):
                 state = cache_kwargs["recurrent_state"]
                 _check_state(state, "cache_kwargs['recurrent_state']")
                 _check_cache_kwargs(cache_kwargs, has_state=True)
+                _check_state_batch(self, state)
                 _store(self, state, cache_kwargs)
             return out
         guards = _guards()
@@ -840,6 +1177,7 @@ def _wrap_update(orig, name):
             state = cache_kwargs["recurrent_state"]
             _check_state(state, "cache_kwargs['recurrent_state']")
             _check_cache_kwargs(cache_kwargs, has_state=True)
+            _check_state_batch(self, state, key_states)
             _check_state_room(self, cache_kwargs)
         kv_end = _check_kv_room(self, key_states, args, kwargs) if bounded else None
         guards.add(key)
@@ -934,6 +1272,47 @@ _LAYER_ADDED = {
 }
 
 
+def _layer_activate_past_recording(self):
+    """Keeps, from now on, what `crop` needs to roll this layer's recurrent state back (added by swaa where
+    transformers has no such method; its 5.x sliding and linear-attention layers set the same flag)."""
+    self.record_past = True
+
+
+def _class_value(orig, layer):
+    return orig.__get__(layer, type(layer)) if isinstance(orig, property) else orig
+
+
+def _croppable_property(orig, cls):
+    def is_croppable(self) -> bool:
+        value = _class_value(orig, self)
+        if not value or _is_native(self) or (_read(self) is None and not _count_value(self)):
+            return value
+        return _recording(self)  # a held state rolls back while the layer records the past
+
+    is_croppable.__doc__ = (
+        "Whether `crop` can put this layer back as it was (swaa: a held state, while recording)."
+    )
+    return property(is_croppable)
+
+
+def _compileable_property(orig, cls):
+    if not issubclass(cls, _STATIC) or (_NATIVE is not None and issubclass(cls, _NATIVE)):
+        return None
+
+    def is_compileable(self) -> bool:
+        # while recording the past, a layer holding a state takes no in-place step (the state before it is
+        # what a rollback starts from), as transformers' own linear-attention layers compile no step then
+        return _class_value(orig, self) and not (_recording(self) and _read(self) is not None)
+
+    is_compileable.__doc__ = (
+        "Whether the layer suits compiled decode (swaa: not while a held state records the past)."
+    )
+    return property(is_compileable)
+
+
+_LAYER_PROPERTIES = {"is_croppable": _croppable_property, "is_compileable": _compileable_property}
+
+
 # Cache-level methods
 
 
@@ -969,7 +1348,14 @@ def _cache_state_update(self, recurrent_state, layer_idx, cache_kwargs=None):
     _check_state(recurrent_state)
     _check_cache_kwargs(cache_kwargs, has_state=True)
     _ensure_layer(self, layer_idx)
-    return self.layers[layer_idx].state_update(recurrent_state, cache_kwargs)
+    layer = self.layers[layer_idx]
+    if (
+        getattr(self, _CACHE_RECORD, False)
+        and not _recording(layer)
+        and hasattr(layer, "activate_past_recording")
+    ):
+        layer.activate_past_recording()  # created after the cache was asked to record
+    return layer.state_update(recurrent_state, cache_kwargs)
 
 
 def _ensure_layer(cache, layer_idx: int) -> None:
@@ -1053,7 +1439,7 @@ def _wrap_cache_crop(orig, name):
     def wrapper(self, *args, **kwargs):
         # every layer is checked before any is cropped, so a refused crop changes nothing
         for i, layer in enumerate(getattr(self, "layers", ())):
-            reason = _crop_refusal(layer)
+            reason = _crop_target(layer, args, kwargs)[1]
             if reason is not None:
                 raise RuntimeError(f"cannot crop the cache: layer {i}: {reason}")
         return orig(self, *args, **kwargs)
@@ -1090,9 +1476,49 @@ def _wrap_cache_resize(orig, name):
     return wrapper
 
 
+def _cache_activate_past_recording(self):
+    """Every layer keeps, from now on, what `crop` needs to roll it back (its recurrent state too); layers a
+    lazily growing cache creates later record as well. (Added by swaa on transformers 4.x, which has none.)"""
+    target = _cache_layers_for(self)
+    for cache in {id(self): self, id(target): target}.values():
+        cache.__dict__[_CACHE_RECORD] = True
+    for layer in getattr(target, "layers", ()):
+        if hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+
+
+def _wrap_cache_activate(orig, name):
+    @functools.wraps(orig)
+    def wrapper(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        # layers that a lazily growing cache creates later record too
+        self.__dict__[_CACHE_RECORD] = True
+        return out
+
+    return wrapper
+
+
+def _wrap_prepare_cache(orig):
+    @functools.wraps(orig)
+    def wrapper(self, generation_config, model_kwargs, *args, **kwargs):
+        out = orig(self, generation_config, model_kwargs, *args, **kwargs)
+        mode = kwargs.get("generation_mode", args[0] if args else None)
+        if (
+            getattr(generation_config, "is_assistant", False)
+            or getattr(mode, "value", mode) == "assisted_generation"
+        ):
+            cache = model_kwargs.get("past_key_values")
+            if isinstance(cache, _cu.Cache):
+                cache.activate_past_recording()
+        return out
+
+    return wrapper
+
+
 _CACHE_WRAPPERS = {
     "update": _wrap_cache_update,
     "crop": _wrap_cache_crop,
+    "activate_past_recording": _wrap_cache_activate,
     **{name: _wrap_cache_resize for name in _RESIZE_OPS},
 }
 if _NATIVE is not None:
@@ -1128,7 +1554,7 @@ def _set(cls: type, name: str, value) -> None:
     setattr(cls, name, value)
 
 
-def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs) -> None:
+def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs, properties=None) -> None:
     for cls in _family(roots):
         if cls in _saved:
             continue  # patched by an earlier call: a repeated hack only looks at new classes
@@ -1149,6 +1575,14 @@ def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs) -> None:
             if not callable(orig) or getattr(orig, "__isabstractmethod__", False):
                 continue
             _set(cls, name, make(orig, name))
+        for name, make in (properties or {}).items():
+            # class attributes or properties (`is_croppable = True`): read through the class's own value
+            orig = own.get(name, _MISSING)
+            if orig is _MISSING or name in _saved.get(cls, {}):
+                continue
+            prop = make(orig, cls)
+            if prop is not None:
+                _set(cls, name, prop)
 
 
 def hack_kv_cache_recurrent_state() -> None:
@@ -1159,15 +1593,35 @@ def hack_kv_cache_recurrent_state() -> None:
     """
     global _hacked
     with _lock:
-        _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs)
-        _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, lambda cls: {})
+        _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs, _LAYER_PROPERTIES)
+        _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, _cache_root_attrs)
         for name in _RESIZE_OPS:
             if not hasattr(_STATIC, name):
                 _set(_STATIC, name, _static_resize_op(name))
+        if not _STOCK_RECORDING:
+            # 4.x has no past recording: turn it on where 5.x generate() does (assisted decoding's cache and
+            # the assistant's own)
+            from transformers.generation.utils import GenerationMixin
+
+            name = "_prepare_cache_for_generation"
+            if name in GenerationMixin.__dict__ and GenerationMixin not in _saved:
+                _saved[GenerationMixin] = {}
+                _set(GenerationMixin, name, _wrap_prepare_cache(GenerationMixin.__dict__[name]))
         _hacked = True
 
 
+def _cache_root_attrs(root: type) -> dict:
+    if hasattr(root, "activate_past_recording"):
+        return {}
+    return {"activate_past_recording": _cache_activate_past_recording}
+
+
 def _root_attrs(root: type) -> dict:
+    if root is _cu.CacheLayerMixin and not hasattr(root, "activate_past_recording"):
+        return {
+            "recurrent_state_initialized": False,
+            "activate_past_recording": _layer_activate_past_recording,
+        }
     if root is _NATIVE:
         attrs = {"recurrent_state_initialized": property(_layer_is_recurrent_state_initialized)}
         for op in ("batch_repeat_interleave", "batch_select_indices"):

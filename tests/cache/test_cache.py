@@ -196,7 +196,7 @@ def test_update_hands_the_state_over_through_the_kv_path(how):
 def test_update_counts_num_new_tokens_once_through_super_chains():
     # DynamicSlidingWindowLayer.update does not call super, DynamicIndexedLayer (5.x) inherits: both count once
     for layer in (cu.DynamicSlidingWindowLayer(sliding_window=8), cu.DynamicLayer()):
-        layer.update(*kv(T=2), {"recurrent_state": torch.ones(1), "num_new_tokens": 2})
+        layer.update(*kv(T=2), {"recurrent_state": torch.ones(2), "num_new_tokens": 2})
         assert layer.__dict__[sc._COUNT] == 2
 
 
@@ -248,7 +248,7 @@ def test_state_only_layer_reports_its_token_count():
     assert cache.get_seq_length() == 10 and cache.get_seq_length(0) == 10
     assert mask_sizes(cache.layers[0], 1) == mask_sizes(cache.layers[1], 1) == (11, 0)
     # a layer with keys keeps answering from its keys
-    cache.layers[1].state_update(torch.ones(1), {"num_new_tokens": 99})
+    cache.layers[1].state_update(torch.ones(2), {"num_new_tokens": 99})
     assert cache.get_seq_length(1) == 10
     # static layers too, also once their key buffers are allocated (still empty)
     static = cu.StaticLayer(max_cache_len=8)
@@ -389,7 +389,7 @@ def test_deepcopy_copies_the_state_and_keeps_the_count():
     _assert_state_equal(got, state)
     assert got[0] is not state[0] and got[1] is not state[1]
     assert twin.get_seq_length(1) == 4 and twin.is_recurrent_state_initialized(1)
-    twin.state_update(torch.zeros(1), 1)
+    twin.state_update((torch.zeros(2, 3), torch.zeros(2)), 1)
     assert cache.get_recurrent_state(1) is state  # independent
 
 

@@ -148,7 +148,9 @@ class CacheMachine(RuleBasedStateMachine):
             if self.keys[i] is not None:
                 self.keys[i] = None if RESET_DROPS_KEYS else [[0.0] * len(r) for r in self.keys[i]]
 
-    @precondition(lambda self: any(s is not None for s in self.state))
+    # without past recording a state rolls back to no token or to all of them only (tests/cache/test_rollback.py
+    # covers recording): one token off a layer that absorbed two or more is refused, and nothing changes
+    @precondition(lambda self: any(s is not None and n >= 2 for s, n in zip(self.state, self.count)))
     @rule()
     def crop_is_refused(self):
         try:
