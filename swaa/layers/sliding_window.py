@@ -304,8 +304,7 @@ class SlidingWindowGatedLinearAttention(_SlidingWindowMixin, GatedLinearAttentio
     the attention module of a Qwen3, Qwen2, Llama or Mistral model (conversion kind ``swa_gla``).
 
     Args:
-        config, layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, attention_bias, qkv_bias,
-        o_bias, qk_norm, rms_norm_eps, use_rope, norm_eps, backend, gate, gate_low_rank_dim,
+        config, layer_idx, **shape, use_rope, norm_eps, backend, gate, gate_low_rank_dim,
         gate_logit_normalizer, output_gate:
             As in :class:`GatedLinearAttention` (the gate decays the linear part only).
         window (int, Optional):
@@ -336,15 +335,6 @@ class SlidingWindowGatedLinearAttention(_SlidingWindowMixin, GatedLinearAttentio
         config=None,
         layer_idx: int | None = None,
         *,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_bias: bool | None = None,
-        qkv_bias: bool | None = None,
-        o_bias: bool | None = None,
-        qk_norm: bool | None = None,
-        rms_norm_eps: float | None = None,
         window: int = 64,
         gate: str = "low_rank",
         gate_low_rank_dim: int = 16,
@@ -356,20 +346,12 @@ class SlidingWindowGatedLinearAttention(_SlidingWindowMixin, GatedLinearAttentio
         output_gate: bool = False,
         norm_eps: float | None = None,
         backend: str = "auto",
+        **shape,
     ):
         window = self._check_window_options(window, feature_map)
         super().__init__(
             config,
             layer_idx,
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            attention_bias=attention_bias,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=qk_norm,
-            rms_norm_eps=rms_norm_eps,
             gate=gate,
             gate_low_rank_dim=gate_low_rank_dim,
             gate_logit_normalizer=gate_logit_normalizer,
@@ -380,6 +362,7 @@ class SlidingWindowGatedLinearAttention(_SlidingWindowMixin, GatedLinearAttentio
             output_gate=output_gate,
             norm_eps=norm_eps,
             backend=backend,
+            **shape,
         )
         self.window = window
 
@@ -390,8 +373,7 @@ class SlidingWindowLinearAttention(_SlidingWindowMixin, LinearAttention):
     attention module of a Qwen3, Qwen2, Llama or Mistral model (conversion kind ``swa_linear``).
 
     Args:
-        config, layer_idx, hidden_size, num_heads, num_kv_heads, head_dim, attention_bias, qkv_bias,
-        o_bias, qk_norm, rms_norm_eps, use_rope, norm_eps, backend, output_gate:
+        config, layer_idx, **shape, use_rope, norm_eps, backend, output_gate:
             As in :class:`LinearAttention` (there is no ``normalize``: the shared normaliser is the
             normalisation).
         window (int, Optional):
@@ -415,15 +397,6 @@ class SlidingWindowLinearAttention(_SlidingWindowMixin, LinearAttention):
         config=None,
         layer_idx: int | None = None,
         *,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        num_kv_heads: int | None = None,
-        head_dim: int | None = None,
-        attention_bias: bool | None = None,
-        qkv_bias: bool | None = None,
-        o_bias: bool | None = None,
-        qk_norm: bool | None = None,
-        rms_norm_eps: float | None = None,
         window: int = 64,
         feature_map: str = "softmax",
         use_rope: bool = True,
@@ -432,20 +405,12 @@ class SlidingWindowLinearAttention(_SlidingWindowMixin, LinearAttention):
         output_gate: bool = False,
         norm_eps: float | None = None,
         backend: str = "auto",
+        **shape,
     ):
         window = self._check_window_options(window, feature_map)
         super().__init__(
             config,
             layer_idx,
-            hidden_size=hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            attention_bias=attention_bias,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            qk_norm=qk_norm,
-            rms_norm_eps=rms_norm_eps,
             feature_map=feature_map,
             normalize=False,
             use_rope=use_rope,
@@ -454,5 +419,6 @@ class SlidingWindowLinearAttention(_SlidingWindowMixin, LinearAttention):
             output_gate=output_gate,
             norm_eps=norm_eps,
             backend=backend,
+            **shape,
         )
         self.window = window
