@@ -121,6 +121,10 @@ class RecurrentAttentionBase(nn.Module):
             self.o_norm = RMSNorm(D, eps=self.norm_eps)
         if output_gate:
             self.g_proj = nn.Linear(hidden, H * D, bias=False)
+        # save_pretrained refuses a model holding a layer its conversion record does not name (see there)
+        from swaa.convert.saving import guard_save_pretrained
+
+        guard_save_pretrained()
 
     @property
     def options(self) -> dict:
@@ -257,11 +261,21 @@ class RecurrentAttentionBase(nn.Module):
             o, final_state = self._mix(*flat, None, output_final_state=False, cu_seqlens=cu_seqlens)
             o = o.reshape(B, T, *o.shape[2:])
         if cache is not None:
-            cache.state_update(final_state, self.layer_idx, {"num_new_tokens": T})
+            cache_kwargs = {"num_new_tokens": T}
+            if final_state is not initial_state and not torch.compiler.is_compiling():
+                # what `crop` needs to roll the state back into these tokens (a speculative decoding's
+                # verification step); the cache keeps it only while it records the past
+                cache_kwargs["rollback"] = (self._absorb, (k, v, g))
+            cache.state_update(final_state, self.layer_idx, cache_kwargs)
 
         gate = self.g_proj(hidden_states).view_as(o) if self.output_gate else None
         o = self._output_norm_and_gate(o, gate)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).to(hidden_states.dtype)), None
+
+    def _absorb(self, state, k, v, g):
+        """The state after ``k, v, g`` (as this forward hands them to the kernel) starting from ``state``:
+        what the cache recomputes when ``crop`` rolls it back. The state does not depend on the queries."""
+        return self._mix(k, k, v, g, state, output_final_state=True)[1]
 
     def _real_tokens(self, attention_mask, cache, cache_position, B: int, T: int) -> torch.Tensor | None:
         """``[B or 1, T]`` bool, True where a new position is a real token, from whatever mask the host
