@@ -200,6 +200,11 @@ def _cmd_generate(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams}
+    # speculative decoding: drafts verified in one forward, the rejected ones cropped (states rolled back)
+    if args.prompt_lookup is not None:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if args.assistant is not None:
+        kwargs["assistant_model"] = _load(args.assistant, args.dtype)[1].to(next(model.parameters()).device)
     if args.sample:
         kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p)
     else:
@@ -207,7 +212,9 @@ def _cmd_generate(args) -> int:
     cache = args.cache
     if cache == "auto":
         # on a GPU, a static cache is what lets transformers compile the decode step into CUDA graphs
-        cache = "static" if next(model.parameters()).is_cuda else "dynamic"
+        # (not for speculative decoding: a compiled verification step cannot be rolled back)
+        speculative = args.prompt_lookup is not None or args.assistant is not None
+        cache = "static" if next(model.parameters()).is_cuda and not speculative else "dynamic"
     if cache == "static":
         kwargs["cache_implementation"] = "static"
     if args.num_beams == 1:
@@ -233,6 +240,22 @@ def _check_generate_flags(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt.strip() and not args.chat:
         raise ValueError("--prompt is empty; without the chat template there is nothing to continue")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise ValueError(f"--prompt-lookup must be >= 1 (draft tokens per step), got {args.prompt_lookup}")
+    speculative = [
+        f for f, v in (("--prompt-lookup", args.prompt_lookup), ("--assistant", args.assistant)) if v
+    ]
+    if len(speculative) == 2:
+        raise ValueError("--prompt-lookup and --assistant cannot be combined: give one")
+    if speculative and args.num_beams != 1:
+        raise ValueError(
+            f"{speculative[0]} decodes one sequence: it cannot be combined with --num-beams {args.num_beams}"
+        )
+    if speculative and args.cache == "static":
+        raise ValueError(
+            f"{speculative[0]} needs --cache dynamic (or auto): transformers 4.x refuses speculative decoding "
+            "on a static cache, and a compiled verification step cannot be rolled back"
+        )
 
 
 def _read_text(path: str | None) -> str:
@@ -397,7 +420,21 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "dynamic", "static"),
         default="auto",
         help="auto (default): a static cache on a GPU, where transformers compiles the decode step into "
-        "CUDA graphs, a dynamic cache elsewhere; static: a preallocated cache everywhere",
+        "CUDA graphs, a dynamic cache elsewhere (and for speculative decoding); static: a preallocated "
+        "cache everywhere",
+    )
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        help="prompt-lookup decoding: draft up to K tokens a step by matching the text so far, verify "
+        "them in one forward (same output as greedy; faster on text that repeats its input)",
+    )
+    p.add_argument(
+        "--assistant",
+        metavar="MODEL",
+        help="assisted decoding: a smaller model sharing the tokenizer (folder, hub id or .gguf) drafts "
+        "tokens that MODEL verifies in one forward (same output as greedy)",
     )
     _add_conversion(p)
     p.set_defaults(func=_cmd_generate)
