@@ -11,10 +11,10 @@ from __future__ import annotations
 from swaa import __version__
 from swaa.convert.record import RECORD_KEY, check_kind, check_options, hybrid_record, parse_linear_layers
 from swaa.convert.registry import hybrid_classes
-from swaa.convert.swap import build_linear_layers, decoder_layers
+from swaa.convert.swap import build_linear_layers, check_layer_options, decoder_layers
 from swaa.families import Family, family_of, supported_families
 
-__all__ = ["convert_to_hybrid"]
+__all__ = ["convert_to_hybrid", "plan_conversion"]
 
 
 def _check_family(model) -> Family:
@@ -31,6 +31,39 @@ def _check_family(model) -> Family:
             f"model must be a {family.causal_lm_class} for model_type {model_type!r}, got {type(model).__name__}"
         )
     return family
+
+
+def plan_conversion(config, linear_layers, kind: str = "gla", options: dict | None = None) -> list[int]:
+    """Every check of :func:`convert_to_hybrid` that needs only the model's config, so a caller can refuse a
+    conversion before loading any weights (the CLI does, for every kind of source).
+
+    Checks the family, ``kind``, that ``options`` are JSON values the layer class takes (one layer is built on
+    the meta device), the layer selection, and that a hybrid is converted further only with its own kind and
+    options and on layers not converted yet.
+
+    Returns:
+        list[int]: the layers that would be converted (sorted, non-negative; empty: nothing to do).
+
+    Raises:
+        TypeError, ValueError, IndexError: as :func:`convert_to_hybrid`.
+    """
+    family_of(getattr(config, "model_type", None))
+    check_kind(kind)
+    options = check_options(options or {})
+    indices = parse_linear_layers(linear_layers, config.num_hidden_layers)
+    previous = hybrid_record(config)
+    if previous is not None:
+        if previous["kind"] != kind or previous["options"] != options:
+            raise ValueError(
+                f"model was converted with kind={previous['kind']!r} options={previous['options']}; "
+                f"cannot add layers with kind={kind!r} options={options}"
+            )
+        again = sorted(set(indices) & set(previous["linear_layers"]))
+        if again:
+            raise ValueError(f"linear_layers: layers {again} are already converted")
+    if indices:
+        check_layer_options(config, kind, options)
+    return indices
 
 
 def convert_to_hybrid(model, linear_layers, kind: str = "gla", **layer_options):
@@ -68,21 +101,11 @@ def convert_to_hybrid(model, linear_layers, kind: str = "gla", **layer_options):
     Every check runs before the model is modified: a refused call leaves the model as it was.
     """
     family = _check_family(model)
-    check_kind(kind)
-    options = check_options(layer_options)
-    indices = parse_linear_layers(linear_layers, model.config.num_hidden_layers)
-    previous = hybrid_record(model.config)
-    if previous is not None:
-        if previous["kind"] != kind or previous["options"] != options:
-            raise ValueError(
-                f"model was converted with kind={previous['kind']!r} options={previous['options']}; "
-                f"cannot add layers with kind={kind!r} options={options}"
-            )
-        again = sorted(set(indices) & set(previous["linear_layers"]))
-        if again:
-            raise ValueError(f"linear_layers: layers {again} are already converted")
+    indices = plan_conversion(model.config, linear_layers, kind, layer_options)
     if not indices:
         return model
+    options = check_options(layer_options)
+    previous = hybrid_record(model.config)
 
     built = build_linear_layers(model, indices, kind, options, copy_weights=True)
     layers = decoder_layers(model)

@@ -1,7 +1,7 @@
 """The conversion record: what a conversion writes into ``config.swaa_hybrid`` and how it is read back.
 
 Keys: ``linear_layers`` (sorted distinct indices), ``kind`` (a key of ``KINDS``), ``options`` (the layer
-options, JSON values), ``swaa_version``. The layer selection language (``"every:4"``, ``"0,2,5-7"``...) is
+options, JSON values), ``swaa_version``, and ``seed`` when ``swaa convert`` wrote it. The layer selection language (``"every:4"``, ``"0,2,5-7"``...) is
 parsed here too, since that is what a record's indices come from.
 """
 
@@ -12,7 +12,16 @@ import operator
 import re
 from collections.abc import Iterable
 
-__all__ = ["KINDS", "RECORD_KEY", "check_kind", "check_options", "hybrid_record", "parse_linear_layers"]
+__all__ = [
+    "KINDS",
+    "RECORD_KEY",
+    "RecordError",
+    "check_kind",
+    "check_options",
+    "check_record",
+    "hybrid_record",
+    "parse_linear_layers",
+]
 
 # config attribute holding the conversion; saved into config.json with the rest of the config
 RECORD_KEY = "swaa_hybrid"
@@ -26,6 +35,12 @@ KINDS = {
 }
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+# one index of a comma-separated list; negative ones count from the end ("-1" is the last layer)
+_INDEX = re.compile(r"^-?\d+$")
+
+# the keys of a record, as convert_to_hybrid writes them; `swaa convert` adds the seed it ran with
+_RECORD_FIELDS = ("linear_layers", "kind", "options", "swaa_version")
+_OPTIONAL_FIELDS = ("seed",)
 
 
 def parse_linear_layers(linear_layers, num_layers: int) -> list[int]:
@@ -41,7 +56,9 @@ def parse_linear_layers(linear_layers, num_layers: int) -> list[int]:
             - ``"every:N"``: keep every N-th layer softmax, convert the others. The softmax layers are the last
               of each group of N (indices ``N-1, 2N-1, ...``), so ``"every:4"`` on 28 layers converts 21 and
               keeps 3, 7, ..., 27; ``"every:1"`` converts nothing.
-            - a comma-separated list of indices and inclusive ranges: ``"0,2,5-7"`` is ``[0, 2, 5, 6, 7]``.
+            - a comma-separated list of indices and inclusive ranges: ``"0,2,5-7"`` is ``[0, 2, 5, 6, 7]``;
+              a negative index counts from the end (``"-1"`` is the last layer, ``"0,-1"`` the first and the
+              last); ranges take non-negative bounds.
         num_layers (int):
             number of decoder layers of the model.
 
@@ -75,7 +92,7 @@ def parse_linear_layers(linear_layers, num_layers: int) -> list[int]:
         if not -num_layers <= i < num_layers:
             raise IndexError(
                 f"linear_layers: layer {i} is out of range for a model with {num_layers} layers "
-                f"(valid: 0..{num_layers - 1}, or negative from the end)"
+                f"(valid: 0..{num_layers - 1}, or -{num_layers}..-1 counting from the end)"
             )
         resolved.add(i % num_layers)
     return sorted(resolved)
@@ -107,7 +124,7 @@ def _parse_pattern(spec: str, num_layers: int) -> list[int]:
     indices = []
     for part in text.split(","):
         part = part.strip()
-        if part.isdigit():
+        if _INDEX.match(part):
             indices.append(int(part))
         elif m := _RANGE.match(part):
             start, stop = int(m.group(1)), int(m.group(2))
@@ -117,7 +134,7 @@ def _parse_pattern(spec: str, num_layers: int) -> list[int]:
         else:
             raise ValueError(
                 f"linear_layers: cannot read {spec!r}; use 'all', 'none', 'last:N', 'first:N', 'every:N', "
-                "or indices and inclusive ranges such as '0,2,5-7'"
+                "or indices (negative ones count from the end) and inclusive ranges such as '0,2,5-7' or '0,-1'"
             )
     return indices
 
@@ -125,7 +142,8 @@ def _parse_pattern(spec: str, num_layers: int) -> list[int]:
 def hybrid_record(config) -> dict | None:
     """The conversion recorded in a config (``None`` for a model that was never converted).
 
-    Keys: ``linear_layers`` (list[int]), ``kind`` (str), ``options`` (dict), ``swaa_version`` (str).
+    Keys: ``linear_layers`` (list[int]), ``kind`` (str), ``options`` (dict), ``swaa_version`` (str); ``seed``
+    (int) when ``swaa convert`` wrote it. Not checked: :func:`check_record` does that.
     """
     return getattr(config, RECORD_KEY, None) or None
 
@@ -143,3 +161,74 @@ def check_options(options: dict) -> dict:
         return json.loads(json.dumps(options))
     except (TypeError, ValueError) as err:
         raise TypeError(f"layer options must be JSON values (str, number, bool, list, dict): {err}") from None
+
+
+class RecordError(ValueError):
+    """A ``swaa_*`` config whose conversion record (``config.swaa_hybrid``) is missing or is not one that
+    :func:`swaa.convert_to_hybrid` writes. The message names the field, what it must be and what it is."""
+
+
+def check_record(config) -> dict:
+    """The conversion record of a hybrid's ``config``, checked against what ``convert_to_hybrid`` writes.
+
+    A ``swaa_<family>`` model is rebuilt from this record, so a record that is missing or malformed would
+    silently build another model than the one saved (its weights then land nowhere, or layers stay as
+    initialised). Nothing is repaired or guessed: every field must be what a conversion writes.
+
+    Returns:
+        dict: the record.
+
+    Raises:
+        RecordError: no record, a missing or unknown key, ``linear_layers`` that is not a list of distinct
+            indices in ``0..num_hidden_layers-1`` (patterns such as ``"every:2"`` are for
+            ``convert_to_hybrid``, not for the record), a ``kind`` outside ``KINDS``, ``options`` that are
+            not a JSON object, a ``swaa_version`` that is not a string.
+    """
+    model_type = getattr(config, "model_type", None)
+    record = getattr(config, RECORD_KEY, None)
+    base_type = str(model_type).removeprefix("swaa_")
+    written = "as swaa.convert_to_hybrid writes it"
+    if not isinstance(record, dict):
+        raise RecordError(
+            f"{RECORD_KEY} must be the conversion record of a {model_type} model (a JSON object with "
+            f"{', '.join(_RECORD_FIELDS)}, {written}), got {record!r}; a model that was never converted has "
+            f"model_type {base_type!r}"
+        )
+    missing = [k for k in _RECORD_FIELDS if k not in record]
+    unknown = sorted(k for k in record if k not in _RECORD_FIELDS + _OPTIONAL_FIELDS)
+    if missing or unknown:
+        raise RecordError(
+            f"{RECORD_KEY} must have the keys {list(_RECORD_FIELDS)} (and may have {list(_OPTIONAL_FIELDS)}), "
+            f"{written}; "
+            + "; ".join(
+                part
+                for part in (f"missing {missing}" if missing else "", f"unknown {unknown}" if unknown else "")
+                if part
+            )
+        )
+    num_layers = getattr(config, "num_hidden_layers", None)
+    layers = record["linear_layers"]
+    valid = (
+        isinstance(layers, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        and len(set(layers)) == len(layers)
+        and (num_layers is None or all(0 <= i < num_layers for i in layers))
+    )
+    if not valid:
+        where = f"0..{num_layers - 1} (the model has {num_layers} layers)" if num_layers else "range"
+        raise RecordError(
+            f"{RECORD_KEY}.linear_layers must be a list of distinct layer indices in {where}, {written}, "
+            f"got {layers!r}"
+        )
+    if record["kind"] not in KINDS:
+        raise RecordError(f"{RECORD_KEY}.kind must be one of {sorted(KINDS)}, got {record['kind']!r}")
+    if not isinstance(record["options"], dict) or not all(isinstance(k, str) for k in record["options"]):
+        raise RecordError(
+            f"{RECORD_KEY}.options must be a JSON object of layer options, got {record['options']!r}"
+        )
+    seed = record.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RecordError(f"{RECORD_KEY}.seed must be an int (the seed swaa convert ran with), got {seed!r}")
+    if not isinstance(record["swaa_version"], str):
+        raise RecordError(f"{RECORD_KEY}.swaa_version must be a string, got {record['swaa_version']!r}")
+    return record

@@ -12,7 +12,7 @@ from torch import nn
 import swaa.layers
 from swaa.convert.record import KINDS, check_kind
 
-__all__ = ["apply_record", "build_linear_layers", "decoder_layers", "layer_class"]
+__all__ = ["apply_record", "build_linear_layers", "check_layer_options", "decoder_layers", "layer_class"]
 
 
 def layer_class(kind: str) -> type:
@@ -21,8 +21,9 @@ def layer_class(kind: str) -> type:
 
 
 def decoder_layers(model) -> nn.ModuleList:
-    """The decoder blocks: every family's causal-LM class keeps them as ``.model.layers``."""
-    return model.model.layers
+    """The decoder blocks: ``.layers`` of the family's base model (``model.model`` of a causal LM or a
+    classification head, the model itself for the bare ``*Model``, ``.transformer`` of some QA heads)."""
+    return model.base_model.layers
 
 
 def _copy_weights(source: nn.Module, target: nn.Module, layer_idx: int) -> None:
@@ -53,6 +54,20 @@ def _source_shape(source: nn.Module) -> dict:
     }
 
 
+def _construct(cls, config, layer_idx, shape: dict, options: dict):
+    try:
+        return cls(config, layer_idx=layer_idx, **{**shape, **options})
+    except TypeError as err:
+        raise TypeError(f"{cls.__name__} does not accept these options {sorted(options)}: {err}") from None
+
+
+def check_layer_options(config, kind: str, options: dict) -> None:
+    """Build one layer of ``kind`` with ``options`` for ``config`` on the meta device (no memory, no weights),
+    so options it does not take, or values it refuses, fail before a model is loaded or touched."""
+    with torch.device("meta"):
+        _construct(layer_class(kind), config, 0, {}, options)
+
+
 def build_linear_layers(model, indices: list[int], kind: str, options: dict, copy_weights: bool) -> dict:
     """New linear modules for ``indices`` without touching ``model`` (so a failure leaves it as it was)."""
     cls = layer_class(kind)
@@ -61,12 +76,7 @@ def build_linear_layers(model, indices: list[int], kind: str, options: dict, cop
     for i in indices:
         source = layers[i].self_attn
         reference = next(source.parameters(), None)
-        try:
-            new = cls(model.config, layer_idx=i, **{**_source_shape(source), **options})
-        except TypeError as err:
-            raise TypeError(
-                f"{cls.__name__} does not accept these options {sorted(options)}: {err}"
-            ) from None
+        new = _construct(cls, model.config, i, _source_shape(source), options)
         if reference is not None and reference.device.type != "meta":
             new = new.to(device=reference.device, dtype=reference.dtype)
         elif reference is not None:

@@ -45,6 +45,10 @@ all_families = pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2", "mi
         ([5, -1, 5], [5, 7]),
         (range(2), [0, 1]),
         ((), []),
+        # negative indices count from the end in the pattern language too, as in a list
+        ("-1", [7]),
+        ("0,-1", [0, 7]),
+        ("1-2,-2", [1, 2, 6]),
     ],
 )
 def test_parse_linear_layers_forms(spec, expected):
@@ -55,7 +59,9 @@ def test_parse_linear_layers_forms(spec, expected):
     "spec, error, words",
     [
         ([8], IndexError, "layer 8 is out of range for a model with 8 layers"),
-        ([-9], IndexError, "layer -9"),
+        ([-9], IndexError, r"layer -9 .*valid: 0\.\.7, or -8\.\.-1 counting from the end"),
+        ("-9", IndexError, "layer -9"),
+        ("-1-2", ValueError, "negative ones count from the end"),
         ("0,9", IndexError, "layer 9"),
         ("every:0", ValueError, "every:N"),
         ("last:9", IndexError, "asks for 9 layers of a model with 8 layers"),
@@ -303,3 +309,105 @@ def test_long_generation_keeps_kv_for_softmax_layers_and_a_fixed_state_for_linea
     state = cache.get_recurrent_state(0)
     # [B, H, K, V]: no dimension grows with the number of tokens
     assert state is not None and max(state.shape) <= 8
+
+
+# what transformers' own model tests expect of a model class (issue 11 item 7)
+
+
+def test_a_hybrid_built_from_its_config_initialises_every_layer_as_documented(tiny_model):
+    model = convert_to_hybrid(tiny_model("llama", initializer_range=0.5, hidden_size=64, head_dim=16), [1])
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    new, stock = fresh.model.layers[1].self_attn, fresh.model.layers[0].self_attn
+    # the converted layer's projections get initializer_range like every stock projection (not torch's default)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        std = getattr(new, name).weight.std().item()
+        assert abs(std - 0.5) < 0.1 and abs(std - getattr(stock, name).weight.std().item()) < 0.1, name
+    # the added parameters keep their documented init: the gate bias gives 10..1000-token memories (not 0)
+    documented = GatedLinearAttention(model.config, 1)
+    assert torch.equal(new.gk_proj[1].bias, documented.gk_proj[1].bias)
+    assert new.gk_proj[1].bias.abs().min() > 0
+    assert torch.equal(new.o_norm.weight, torch.ones_like(new.o_norm.weight))
+
+
+def test_init_weights_knows_the_added_parameters_and_spares_loaded_ones(tiny_model):
+    model = convert_to_hybrid(tiny_model("qwen3"), [2])
+    layer = model.model.layers[2].self_attn
+    documented = layer.gk_proj[1].bias.detach().clone()
+    with torch.no_grad():
+        layer.gk_proj[1].bias.zero_()
+        layer.o_norm.weight.fill_(3.0)
+    layer.o_norm.weight._is_hf_initialized = True  # as transformers marks a loaded tensor
+    model._init_weights(layer)
+    assert torch.equal(layer.gk_proj[1].bias, documented)
+    assert torch.equal(layer.o_norm.weight, torch.full_like(layer.o_norm.weight, 3.0))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_every_auto_class_of_the_family_knows_the_hybrid_config(family, tmp_path, tiny_model, tiny_ids):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    model = convert_to_hybrid(tiny_model(family), [0, 2])
+    model.save_pretrained(tmp_path)
+    heads = [
+        getattr(transformers, name)
+        for name in ("AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification")
+    ]
+    heads += [
+        cls
+        for cls in vars(modeling_auto).values()
+        if isinstance(cls, type)
+        and family in getattr(getattr(cls, "_model_mapping", None), "_model_mapping", {})
+        and cls not in heads
+    ]
+    for auto in heads:
+        built = auto.from_config(model.config)
+        assert type(built).__name__.startswith("Swaa"), auto.__name__
+        kinds = [type(layer.self_attn).__name__ for layer in built.base_model.layers]
+        assert kinds[0] == kinds[2] == "GatedLinearAttention" and "Attention" in kinds[1], auto.__name__
+    # the bare model loads from the causal LM's checkpoint and computes the same hidden states
+    base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    x = tiny_ids(1, 7)
+    with torch.no_grad():
+        expected = model.model(x).last_hidden_state
+        assert torch.equal(base(x).last_hidden_state, expected)
+
+
+def test_output_attentions_has_one_entry_per_layer_none_where_converted(tiny_model, tiny_ids):
+    model = convert_to_hybrid(tiny_model("qwen3", attn_implementation="eager"), [1, 2])
+    x = tiny_ids(2, 5)
+    with torch.no_grad():
+        attentions = model(x, output_attentions=True).attentions
+        as_tuple = model(x, output_attentions=True, return_dict=False)
+    assert len(attentions) == model.config.num_hidden_layers
+    assert attentions[1] is None and attentions[2] is None
+    assert attentions[0].shape == attentions[3].shape == (2, 4, 5, 5)
+    assert any(isinstance(t, tuple) and len(t) == 4 and t[1] is None for t in as_tuple)
+    out = model.generate(
+        x, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True
+    )
+    assert all(len(step) == 4 and step[1] is None for step in out.attentions)
+
+
+def test_save_pretrained_refuses_a_layer_swapped_in_by_hand_and_writes_nothing(tmp_path, tiny_model):
+    model = tiny_model("llama")
+    model.model.layers[1].self_attn = GatedLinearAttention(model.config, 1)
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.self_attn \(GatedLinearAttention\).*convert_to_hybrid\(model, \[1\], kind='gla'\)",
+    ):
+        model.save_pretrained(tmp_path / "hand")
+    assert not (tmp_path / "hand").exists()
+    # a converted hybrid with one more layer placed by hand, or one of another kind, is refused too
+    hybrid = convert_to_hybrid(tiny_model("llama"), [0])
+    hybrid.model.layers[2].self_attn = LinearAttention(hybrid.config, 2)
+    with pytest.raises(ValueError, match=r"layers\.2\.self_attn \(LinearAttention\)"):
+        hybrid.save_pretrained(tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+    # what the message says to do saves, and reloads as the same hybrid
+    converted = convert_to_hybrid(tiny_model("llama"), [1], kind="gla")
+    converted.save_pretrained(tmp_path / "ok")
+    assert isinstance(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ok").model.layers[1].self_attn, GatedLinearAttention
+    )
