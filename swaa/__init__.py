@@ -29,6 +29,8 @@ _EXPORTS = {
     "LinearAttention": "swaa.layers",
     "convert_to_hybrid": "swaa.convert",
     "attention_transfer": "swaa.convert",
+    "distill": "swaa.convert",
+    "select_linear_layers": "swaa.convert",
 }
 
 __all__ = ["__version__", *_EXPORTS]

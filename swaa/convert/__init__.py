@@ -4,9 +4,12 @@ attention transfer.
 Rooms: ``record`` (what a conversion writes into the config, and the layer selection language),
 ``swap`` (building the linear modules and putting them in place), ``hybrid`` (:func:`convert_to_hybrid`),
 ``registry`` (the ``swaa_<family>`` classes of the Auto classes), ``transfer`` (attention transfer) with
-``transfer_options`` (its defaults and checks, torch-free), ``windows`` (a running text as token windows).
+``transfer_options`` (its defaults and checks, torch-free), ``windows`` (a running text as token windows),
+``distillation`` (:func:`distill`, end to end on transformers' Trainer) with ``distill_options`` (torch-free) and
+``distill_data`` (training text without downloads), ``select`` (``auto:N``: layers chosen by a measured signal).
 
-Names are re-exported lazily, so the torch-free rooms (``record``, ``transfer_options``) stay cheap.
+Names are re-exported lazily, so the torch-free rooms (``record``, ``transfer_options``, ``distill_options``)
+stay cheap.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ _EXPORTS = {
     "parse_linear_layers": "swaa.convert.record",
     "register_hybrid_classes": "swaa.convert.registry",
     "attention_transfer": "swaa.convert.transfer",
+    "distill": "swaa.convert.distillation",
+    "select_linear_layers": "swaa.convert.select",
+    "resolve_linear_layers": "swaa.convert.select",
     "FAMILIES": "swaa.families",
     "supported_families": "swaa.families",
 }

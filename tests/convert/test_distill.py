@@ -1,0 +1,361 @@
+"""End-to-end distillation (swaa.distill) on tiny models: it lowers the held-out KL, a run interrupted and
+resumed ends where an uninterrupted one does, 2 processes (accelerate launch, gloo) give the weights of 1
+with the same global batch, LoRA adapters merge back into a plain hybrid, auto:N is reproducible, and bad
+options are refused before anything trains. Needs accelerate (Trainer does); the LoRA cases need peft."""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import swaa
+from swaa.convert import convert_to_hybrid
+from swaa.convert.distill_data import debian_prose, sample_teacher_text
+from swaa.convert.distill_options import check_distill_options
+from swaa.convert.distillation import distill_loss, last_checkpoint
+from swaa.convert.select import (
+    SELECTION_KEY,
+    auto_count,
+    record_selection,
+    resolve_linear_layers,
+    select_linear_layers,
+)
+
+pytest.importorskip("accelerate", reason="Trainer needs accelerate (pip install 'swaa[distill]')")
+
+WINDOW = 32
+# few, short steps at a large learning rate: the tiny runs move visibly in a second
+RUN = dict(window=WINDOW, batch_size=4, lr=3e-3, log_every=1, save_every=3)
+
+
+def pair(tiny_model, layers=(1, 3)):
+    teacher = tiny_model("qwen3")
+    return teacher, convert_to_hybrid(copy.deepcopy(teacher), list(layers))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_distill_loss_is_kl_plus_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    assert distill_loss(t, t, ids).abs().item() < 1e-6  # KL of a distribution to itself
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1), log_target=True, reduction="none"
+    )
+    torch.testing.assert_close(distill_loss(s, t, ids, temperature=2.0), 4 * kl.sum(-1).mean())
+    ce = torch.nn.functional.cross_entropy(s[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(distill_loss(s, t, ids, kl_weight=0.0, ce_weight=1.0), ce)
+
+
+def test_distillation_on_teacher_samples_lowers_the_heldout_kl(tmp_path, tiny_model, tiny_ids):
+    teacher, student = pair(tiny_model)
+    prompts = [tiny_ids(3, seed=s).tolist() for s in range(8)]
+    train = sample_teacher_text(teacher, prompts, samples_per_prompt=4, max_new_tokens=40, progress=False)
+    held_out = tiny_ids(4 * WINDOW, seed=99)  # another source: uniform random tokens, never trained on
+    teacher_before = state(teacher)
+    report = swaa.distill(
+        teacher, student, train, held_out, output_dir=tmp_path, steps=16, eval_every=8, progress=False, **RUN
+    )
+    first, last = report["eval"][0], report["eval"][-1]
+    assert (first["step"], last["step"]) == (0, 16) and len(report["eval"]) == 3
+    assert last["kl"] < 0.7 * first["kl"], report["eval"]
+    assert report["losses"][-1][1] < report["losses"][0][1]
+    assert report["tokens"] == 16 * 4 * WINDOW and report["steps"] == 16
+    # the teacher is untouched; the student is back in eval mode with its flags as they were
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert not student.training and all(p.requires_grad for p in student.parameters())
+    assert student.config.use_cache
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["converted-layers", "lora"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model, tiny_ids, lora_rank):
+    if lora_rank:
+        pytest.importorskip("peft")
+    from transformers import TrainerCallback
+
+    train = tiny_ids(40 * WINDOW, seed=5)
+    options = dict(steps=8, lora_rank=lora_rank, progress=False, **RUN)
+
+    teacher, student = pair(tiny_model)
+    whole = swaa.distill(teacher, student, train, output_dir=tmp_path / "whole", **options)
+    expected = state(student)
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt  # as Ctrl-C: the checkpoint of step 3 is on disk, steps 4-5 are lost
+
+    teacher, student = pair(tiny_model)
+    with pytest.raises(KeyboardInterrupt):
+        swaa.distill(teacher, student, train, output_dir=tmp_path / "cut", callbacks=[Interrupt()], **options)
+    assert last_checkpoint(tmp_path / "cut").endswith("checkpoint-3")
+    os.makedirs(tmp_path / "cut" / "checkpoint-4")  # a checkpoint cut off while written: ignored
+    # a fresh process: new models, the same call
+    teacher, student = pair(tiny_model)
+    resumed = swaa.distill(teacher, student, train, output_dir=tmp_path / "cut", **options)
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == 8
+    assert [s for s, _ in resumed["losses"]] == list(range(1, 9))
+    torch.testing.assert_close(resumed["losses"], whole["losses"], rtol=1e-6, atol=0)
+    after = state(student)
+    assert after.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(after[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+    # a finished run resumed trains no more
+    again = swaa.distill(teacher, student, train, output_dir=tmp_path / "cut", **options)
+    assert again["resumed_from"].endswith("checkpoint-8") and again["steps"] == 8
+
+
+def test_lora_adapters_train_the_rest_and_merge_into_a_plain_hybrid(tmp_path, tiny_model, tiny_ids):
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = pair(tiny_model)
+    before = state(student)
+    report = swaa.distill(
+        teacher,
+        student,
+        tiny_ids(16 * WINDOW, seed=5),
+        output_dir=tmp_path,
+        steps=3,
+        lora_rank=2,
+        progress=False,
+        **RUN,
+    )
+    after = state(student)
+    assert after.keys() == before.keys()  # adapters merged: no lora_ keys, no wrappers
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.layers.0.mlp.up_proj.weight" in changed  # a softmax layer's MLP, through its adapter
+    assert "model.layers.1.self_attn.gk_proj.1.bias" in changed  # a converted layer, trained whole
+    assert not any(k.startswith(("model.embed_tokens", "lm_head")) for k in changed)
+    assert report["trained_parameters"] < sum(p.numel() for p in student.parameters())
+    student.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    ids = tiny_ids(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, student(ids).logits)
+
+
+_SCRIPT = """
+import os, sys, torch
+import swaa
+from transformers import AutoModelForCausalLM
+teacher = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+student = AutoModelForCausalLM.from_pretrained(sys.argv[2])
+report = swaa.distill(teacher, student, torch.load(sys.argv[3]), output_dir=sys.argv[4], progress=False,
+                      **{k: v for k, v in __import__("json").loads(sys.argv[5]).items()})
+if int(os.environ.get("RANK", "0")) == 0:
+    torch.save(student.state_dict(), sys.argv[6])
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model, tiny_ids):
+    """Tolerance: the gradient all-reduce adds the two halves in another order than one process's batch
+    mean, and Adam divides by sqrt(v), so after 6 steps at lr 3e-3 the weights differ by ~1e-5 (each step
+    moves them by up to 3e-3)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher, student = pair(tiny_model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    torch.save(tiny_ids(24 * WINDOW, seed=5), tmp_path / "ids.pt")
+    options = dict(RUN, steps=6, save_every=100)
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out2")]
+    done = subprocess.run(
+        [*launch, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # one process, in this one: the same models from disk, the same call
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    initial = state(student)
+    swaa.distill(
+        teacher,
+        student,
+        torch.load(tmp_path / "ids.pt"),
+        output_dir=tmp_path / "out1",
+        progress=False,
+        **options,
+    )
+    one, two = state(student), torch.load(tmp_path / "two.pt")
+    moved = max((one[k] - initial[k]).abs().max().item() for k in one)
+    assert moved > 1e-3
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_the_global_batch_must_split_evenly_over_processes(tmp_path, tiny_model, tiny_ids, monkeypatch):
+    teacher, student = pair(tiny_model)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(
+        ValueError, match="batch_size=4 .* multiple of processes x gradient_accumulation_steps = 3 x 1"
+    ):
+        swaa.distill(teacher, student, tiny_ids(8 * WINDOW), output_dir=tmp_path / "out", **RUN)
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(steps=0), ValueError, "steps must be a positive int, got 0"),
+        (dict(lr=-1.0), ValueError, "lr must be a positive number"),
+        (dict(batch_size=6, gradient_accumulation_steps=4), ValueError, "multiple of processes"),
+        (dict(kl_weight=0.0, ce_weight=0.0), ValueError, "both 0"),
+        (dict(ce_weight=-1.0), ValueError, "ce_weight must be a non-negative number"),
+        (dict(temperature=0), ValueError, "temperature must be a positive number"),
+        (dict(train="some"), ValueError, "train must be one of"),
+        (dict(lora_rank=2, train="all"), ValueError, "train='all'"),
+        (dict(lora_alpha=8.0), ValueError, "lora_alpha needs lora_rank"),
+        (dict(warmup_steps=200), ValueError, "warmup_steps must be < steps=200"),
+        (dict(eval_every=0), ValueError, "eval_every must be a positive int or None"),
+        (dict(bf16="yes"), TypeError, "bf16 must be a bool"),
+        (dict(steps=2.5), TypeError, "steps must be a positive int, got float"),
+        (dict(step=10), TypeError, "unknown distillation options \\['step'\\]"),
+        (dict(resume="yes"), TypeError, "resume must be a bool"),
+        (dict(window=1000), ValueError, "need at least window=1000 tokens"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_trains(
+    tmp_path, tiny_model, tiny_ids, options, error, match
+):
+    teacher, student = pair(tiny_model)
+    before = state(student)
+    with pytest.raises(error, match=match):
+        swaa.distill(
+            teacher, student, tiny_ids(8 * WINDOW), output_dir=tmp_path / "out", **{**RUN, **options}
+        )
+    assert not (tmp_path / "out").exists()
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_the_models_are_checked_before_anything_trains(tmp_path, tiny_model, tiny_ids):
+    teacher, student = pair(tiny_model)
+    with pytest.raises(ValueError, match="student must be a hybrid"):
+        swaa.distill(teacher, copy.deepcopy(teacher), tiny_ids(8 * WINDOW), output_dir=tmp_path, **RUN)
+    with pytest.raises(ValueError, match="differ in num_hidden_layers"):
+        swaa.distill(
+            tiny_model("qwen3", num_hidden_layers=2),
+            student,
+            tiny_ids(8 * WINDOW),
+            output_dir=tmp_path,
+            **RUN,
+        )
+    swaa.distill(teacher, student, tiny_ids(8 * WINDOW), output_dir=tmp_path, steps=1, progress=False, **RUN)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        swaa.distill(teacher, student, tiny_ids(8 * WINDOW), output_dir=tmp_path, resume=False, **RUN)
+
+
+def test_default_options_pass_their_own_checks():
+    assert check_distill_options()["steps"] == 200
+
+
+def test_auto_layers_are_reproducible_and_recorded(tmp_path, tiny_model, tiny_ids):
+    from transformers import AutoModelForCausalLM
+
+    teacher = tiny_model("qwen3")
+    before = state(teacher)
+    ids = tiny_ids(4 * WINDOW, seed=4)
+    rng = torch.random.get_rng_state()
+    options = dict(steps=5, window=WINDOW, progress=False)
+    first = select_linear_layers(teacher, 2, ids, seed=0, **options)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the caller's random state is left alone
+    assert first == select_linear_layers(teacher, 2, ids, seed=0, **options)
+    assert len(first["layers"]) == 2 and len(first["scores"]) == 4 and first["signal"] == "kl"
+    ranked = sorted(range(4), key=lambda i: (first["scores"][i], i))
+    assert first["layers"] == sorted(ranked[:2])
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert all(type(layer.self_attn).__name__ == "Qwen3Attention" for layer in teacher.model.layers)
+    by_error = select_linear_layers(teacher, 1, ids, seed=0, signal="error", **options)
+    assert by_error["layers"] == [min(range(4), key=lambda i: by_error["errors"][i])]
+    assert by_error["errors"] == first["errors"]  # one transfer, two readings of it
+
+    layers, selection = resolve_linear_layers(teacher, "auto:2", ids, seed=0, **options)
+    assert (layers, selection) == (first["layers"], first)
+    student = convert_to_hybrid(copy.deepcopy(teacher), layers)
+    record_selection(student.config, selection)
+    student.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())[SELECTION_KEY] == json.loads(json.dumps(first))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert getattr(loaded.config, SELECTION_KEY)["layers"] == layers
+    assert resolve_linear_layers(teacher, "last:2", seed=3) == (
+        [2, 3],
+        {"method": "given", "spec": "last:2", "layers": [2, 3], "seed": 3},
+    )
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (dict(n=5), IndexError, "auto:5 asks for 5 layers of a model with 4"),
+        (dict(signal="loss"), ValueError, "signal must be one of"),
+        (dict(steps=0), ValueError, "steps must be a positive int"),
+        (dict(seed=-1), ValueError, "seed must be a non-negative int"),
+        (dict(kind="mamba"), ValueError, "kind must be one of"),
+        (dict(input_ids=None), ValueError, "needs text"),
+    ],
+)
+def test_auto_refuses_bad_arguments_before_measuring(tiny_model, tiny_ids, call, error, match):
+    teacher = tiny_model("qwen3")
+    args = dict(n=2, input_ids=tiny_ids(4 * WINDOW), window=WINDOW, progress=False) | call
+    n, ids = args.pop("n"), args.pop("input_ids")
+    with pytest.raises(error, match=match):
+        select_linear_layers(teacher, n, ids, **args)
+
+
+def test_auto_count_reads_only_auto():
+    assert auto_count("auto:3") == 3 and auto_count(" AUTO : 0 ") == 0
+    assert auto_count("last:3") is None and auto_count([1, 2]) is None
+    with pytest.raises(ValueError, match="'auto:N' needs an integer N >= 0"):
+        auto_count("auto:x")
+
+
+def test_teacher_samples_are_reproducible_by_seed(tiny_model, tiny_ids):
+    teacher = tiny_model("qwen3")
+    prompts = [tiny_ids(2, seed=s).tolist() for s in range(3)]
+    a = sample_teacher_text(teacher, prompts, samples_per_prompt=2, max_new_tokens=8, seed=1, progress=False)
+    b = sample_teacher_text(teacher, prompts, samples_per_prompt=2, max_new_tokens=8, seed=1, progress=False)
+    c = sample_teacher_text(teacher, prompts, samples_per_prompt=2, max_new_tokens=8, seed=2, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.dtype == torch.long and a.dim() == 1 and a.numel() >= 3 * 2 * 3
+    # a later prompt's samples do not depend on the ones before it
+    tail = sample_teacher_text(
+        teacher, prompts[:1], samples_per_prompt=2, max_new_tokens=8, seed=1, progress=False
+    )
+    assert torch.equal(a[: tail.numel()], tail)
+    with pytest.raises(ValueError, match="need the teacher's tokenizer"):
+        sample_teacher_text(teacher, ["text"], progress=False)
+
+
+def test_debian_prose_reads_each_licence_once(tmp_path):
+    (tmp_path / "A").write_text("first licence\n")
+    (tmp_path / "B").symlink_to(tmp_path / "A")
+    (tmp_path / "C").write_text("second licence\n")
+    assert debian_prose([str(tmp_path)]) == "first licence\n\nsecond licence"
+    with pytest.raises(FileNotFoundError, match="no text found"):
+        debian_prose([str(tmp_path / "nothing")])
+    if os.path.isdir("/usr/share/common-licenses"):
+        assert "GNU GENERAL PUBLIC LICENSE" in debian_prose()
