@@ -1,0 +1,159 @@
+"""``swaa distill`` and ``swaa convert --linear-layers auto:N`` on a tiny Llama with a character-level
+tokenizer built here (nothing downloaded): a killed run resumes from its last checkpoint and finishes, a
+rerun with other flags is refused, bad flags are refused before any model is even located, and auto:N
+writes its measurement into the saved config, the same for the same seed."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from swaa.app.cli import main
+
+pytest.importorskip("accelerate", reason="Trainer needs accelerate (pip install 'swaa[distill]')")
+
+PROSE = (
+    "The keeper of the lighthouse climbed the stairs every evening and lit the lamp. Ships passed in the "
+    "night, and none of them knew his name, but all of them knew the light. "
+)
+
+
+def char_tokenizer():
+    """Printable ASCII, one token a character, ids 0-3 for pad, eos, bos and unknown: 99 tokens."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3}
+    vocab.update({chr(c): 4 + i for i, c in enumerate(range(32, 127))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace("\n", " ")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_model):
+    where = tmp_path_factory.mktemp("teacher")
+    tiny_model("llama", vocab_size=99).save_pretrained(where)
+    char_tokenizer().save_pretrained(where)
+    (where / "prose.txt").write_text(PROSE * 30)
+    return where
+
+
+def distill_args(teacher_dir, out, *extra):
+    return [
+        "distill", str(teacher_dir), str(out), "--linear-layers", "1,3", "--data", "teacher",
+        "--data", str(teacher_dir / "prose.txt"), "--teacher-samples", "1", "--teacher-tokens", "24",
+        "--window", "32", "--batch-size", "2", "--eval-windows", "2", "--lr", "3e-3", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, teacher_dir, capsys):
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--steps", "60", "--save-every", "3", "--eval-every", "30")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swaa", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model").exists()
+    assert (out / "student-init" / "config.json").is_file() and (out / "train_ids.pt").is_file()
+
+    # the same command with another flag is another run
+    assert main([*args[:-6], "--steps", "60", "--save-every", "3", "--eval-every", "10"]) == 1
+    assert "holds a run started with other flags (eval_every: 30 then, 10 now)" in capsys.readouterr().err
+
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "distilled 60 steps" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 60 and report["resumed_from"] and report["linear_layers"] == [1, 3]
+    assert [e["step"] for e in report["eval"]][-1] == 60
+    assert report["eval"][-1]["kl"] < report["eval"][0]["kl"]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.swaa_hybrid["linear_layers"] == [1, 3]
+    assert model.config.swaa_selection == {"method": "given", "spec": "1,3", "layers": [1, 3], "seed": 0}
+    assert AutoTokenizer.from_pretrained(out / "model")("ab")["input_ids"] == [69, 70]
+    # a finished run is not run again
+    assert main(args) == 1
+    assert "holds a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--linear-layers", "1", "--lr", "0"], "--lr must be a positive number, got 0.0"),
+        (
+            ["--linear-layers", "1", "--batch-size", "3", "--gradient-accumulation-steps", "2"],
+            "multiple of processes",
+        ),
+        (["--linear-layers", "1", "--lora-alpha", "4"], "--lora-alpha needs --lora-rank >= 1"),
+        (["--linear-layers", "1", "--steps", "0"], "--steps must be a positive int, got 0"),
+        ([], "give either --student (a saved hybrid) or --linear-layers"),
+        (["--linear-layers", "1", "--student", "x"], "give either --student"),
+        (["--linear-layers", "auto:x"], "'auto:N' needs an integer N >= 0"),
+        (["--linear-layers", "1", "--seed", "-2"], "--seed must be a non-negative int"),
+        (
+            ["--linear-layers", "1", "--data", "no-such.txt"],
+            "--data: 'no-such.txt' is neither teacher nor debian nor a file",
+        ),
+        (["--linear-layers", "1", "--teacher-samples", "0"], "--teacher-samples must be >= 1"),
+        (["--linear-layers", "1", "--transfer-steps", "-1"], "--transfer-steps must be >= 0"),
+        (["--linear-layers", "1", "--eval-text", "no-such.txt"], "--eval-text: no such file"),
+    ],
+)
+def test_bad_distill_flags_are_refused_before_any_model_is_located(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    assert main(["distill", str(tmp_path / "no-such-model"), str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("swaa distill: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_held_out_text_may_not_be_trained_on(tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text(PROSE)
+    flags = ["--linear-layers", "1", "--data", str(text), "--eval-text", str(text)]
+    assert main(["distill", str(tmp_path / "m"), str(tmp_path / "out"), *flags]) == 1
+    assert "is also a --data file" in capsys.readouterr().err
+
+
+def test_convert_auto_layers_are_measured_recorded_and_reproducible(tmp_path, teacher_dir, capsys):
+    def convert(out, seed):
+        args = ["convert", str(teacher_dir), str(out), "--linear-layers", "auto:2", "--seed", str(seed)]
+        args += [
+            "--transfer-text",
+            str(teacher_dir / "prose.txt"),
+            "--transfer-steps",
+            "3",
+            "--transfer-windows",
+            "2",
+        ]
+        assert main(args) == 0, capsys.readouterr().err
+        return json.loads((out / "config.json").read_text())
+
+    first, again = convert(tmp_path / "a", 3), convert(tmp_path / "b", 3)
+    printed = capsys.readouterr().out
+    assert "auto layers by kl" in printed
+    selection = first["swaa_selection"]
+    assert selection == again["swaa_selection"]
+    assert selection["method"] == "auto" and selection["seed"] == 3 and len(selection["scores"]) == 4
+    assert first["swaa_hybrid"]["linear_layers"] == selection["layers"] and len(selection["layers"]) == 2
+    assert main(["convert", str(teacher_dir), str(tmp_path / "c"), "--linear-layers", "auto:9"]) == 1
+    assert "auto:9 asks for 9 layers of a model with 4 layers" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
