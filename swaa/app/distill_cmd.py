@@ -145,7 +145,9 @@ def _check_flags(args) -> dict:
         options = check_distill_options(**options)
     except (TypeError, ValueError) as err:
         # the options by their flags' names: "--lora-alpha needs --lora-rank >= 1"
-        message = re.sub(r"\b(" + "|".join(_OPTION_FLAGS) + r")\b", lambda m: _OPTION_FLAGS[m.group(1)], str(err))
+        message = re.sub(
+            r"\b(" + "|".join(_OPTION_FLAGS) + r")\b", lambda m: _OPTION_FLAGS[m.group(1)], str(err)
+        )
         raise type(err)(message) from None
     from swaa.convert.distill_options import check_global_batch
 
