@@ -139,6 +139,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import numbers
@@ -628,6 +629,11 @@ class _Segment:
     def __init__(self, pos, state, chunks, absorb, n):
         self.pos, self.state, self.chunks, self.absorb, self.n = pos, state, chunks, absorb, n
 
+    def __deepcopy__(self, memo):
+        # the tensors are copied; `absorb` is not (a layer's bound method would copy the layer's weights)
+        state, chunks = copy.deepcopy((self.state, self.chunks), memo)
+        return _Segment(self.pos, state, chunks, self.absorb, self.n)
+
     def inputs(self, stop=None) -> tuple:
         """The kept inputs of tokens `[pos, pos + stop)`, each `[B, stop, ...]` (None stays None)."""
         joined = tuple(
@@ -686,11 +692,6 @@ def _next_log(layer, state, cache_kwargs):
     if not n:
         return None  # a state replaced without tokens: it cannot be placed among earlier ones
     start = _count_value(layer)
-    before = _read(layer)
-    if before is not None and _is_buffered(layer):
-        if any(a is b for a in _tensors(state) for b in _tensors(before)):
-            return None  # written in place by the caller: the earlier state is gone
-        before = _map_state(before, lambda t: t.clone())
     log = getattr(layer, _LOG, None)
     segments = list(log.segments) if log is not None and log.end == start else []
     absorb, inputs = cache_kwargs.get("rollback") or (None, None)
@@ -699,6 +700,11 @@ def _next_log(layer, state, cache_kwargs):
         # the state before this call can be recomputed from the previous segment: extend it instead
         segments[-1] = _Segment(last.pos, last.state, [*last.chunks, inputs], absorb, last.n + n)
     else:
+        before = _read(layer)
+        if before is not None and _is_buffered(layer):
+            if any(a is b for a in _tensors(state) for b in _tensors(before)):
+                return None  # written in place by the caller: the earlier state is gone
+            before = _map_state(before, lambda t: t.clone())  # the buffer is about to be overwritten
         segments.append(_Segment(start, before, None if inputs is None else [inputs], absorb, n))
     return _Rollback(_bounded(segments, start + n), start + n)
 

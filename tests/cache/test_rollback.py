@@ -182,6 +182,22 @@ def test_batch_operations_carry_what_was_kept():
     )
 
 
+def test_a_deep_copy_rolls_back_on_its_own():
+    import copy
+
+    x = tokens(6)
+    cache = recording_cache()
+    feed(cache, x[:, :2])
+    feed(cache, x[:, 2:])
+    twin = copy.deepcopy(cache)
+    segment = twin.layers[0].__dict__[sc._LOG].segments[0]
+    assert segment.absorb is absorb  # the tensors are copied, the function is not
+    crop_to(twin, 3)
+    crop_to(cache, 5)
+    torch.testing.assert_close(twin.get_recurrent_state(0), absorb(None, x[:, :3]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(cache.get_recurrent_state(0), absorb(None, x[:, :5]), rtol=0, atol=1e-12)
+
+
 def test_reset_forgets_what_was_kept():
     cache = recording_cache()
     feed(cache, tokens(4))
