@@ -154,6 +154,7 @@ __all__ = [
     "MAX_ROLLBACK_TOKENS",
     "hack_kv_cache_recurrent_state",
     "is_hacked",
+    "token_count",
     "unhack_kv_cache_recurrent_state",
 ]
 
@@ -1658,3 +1659,12 @@ def unhack_kv_cache_recurrent_state() -> None:
 def is_hacked() -> bool:
     """Whether the patch is applied."""
     return _hacked
+
+
+def token_count(layer) -> torch.Tensor | None:
+    """The 0-dim int64 tensor in which a cache layer meant for compiled decode counts the tokens its
+    recurrent state has absorbed (at a static address, moved in place by ``state_update``), or None on
+    other layers. An exporter that rewinds a static cache between sequences rewinds it too, as it rewinds
+    the keys' length (``swaa.convert.export``)."""
+    count = getattr(layer, _COUNT, None)
+    return count if isinstance(count, torch.Tensor) else None

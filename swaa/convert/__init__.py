@@ -18,6 +18,7 @@ import importlib
 
 _EXPORTS = {
     "convert_to_hybrid": "swaa.convert.hybrid",
+    "export_decoder": "swaa.convert.export",
     "KINDS": "swaa.convert.record",
     "hybrid_record": "swaa.convert.record",
     "parse_linear_layers": "swaa.convert.record",
