@@ -126,6 +126,19 @@ class RecurrentAttentionBase(nn.Module):
 
         guard_save_pretrained()
 
+    def zero_state(self, batch_size: int, device=None):
+        """The state of a fresh sequence, as this layer keeps it in a cache: zeros ``[B, H, K, V]`` (and
+        ``z [B, H, K]`` when normalised), float32 (float64 for a float64 layer); K the key feature dim.
+        What an exporter allocates before tracing (:func:`swaa.convert.export.exportable`)."""
+        weight = self.q_proj.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        device = weight.device if device is None else device
+        K = 2 * self.head_dim if self.feature_map == "hedgehog" else self.head_dim
+        S = torch.zeros(batch_size, self.num_heads, K, self.head_dim, dtype=dtype, device=device)
+        if getattr(self, "normalize", False):
+            return S, torch.zeros(batch_size, self.num_heads, K, dtype=dtype, device=device)
+        return S
+
     @property
     def options(self) -> dict:
         """The layer's options (shared and its own) with their current values."""

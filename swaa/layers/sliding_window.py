@@ -136,6 +136,21 @@ class _SlidingWindowMixin:
             )
         return check_int("window", window, minimum=1)
 
+    def zero_state(self, batch_size: int, device=None):
+        """The state of a fresh sequence as the cache holds it: a zero linear state ``[B, H, K', V+1]``
+        (float32, float64 for a float64 layer) and an empty window (zeros, every slot marked invalid)."""
+        weight = self.q_proj.weight
+        device = weight.device if device is None else device
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        B, W, H, Hk, D = batch_size, self.window, self.num_heads, self.num_kv_heads, self.head_dim
+        K = 2 * D if self.feature_map == "hedgehog" else D
+        S = torch.zeros(B, H, K, D + 1, dtype=dtype, device=device)
+        wk = torch.zeros(B, W, Hk, D, dtype=weight.dtype, device=device)
+        ok = torch.zeros(B, W, dtype=torch.bool, device=device)
+        if self.gated:
+            return S, wk, wk.clone(), torch.zeros(B, W, Hk, K, dtype=weight.dtype, device=device), ok
+        return S, wk, wk.clone(), ok
+
     def _state_parts(self, state, B: int):
         """``(S, wk, wv, wg, wok)`` of a cached state (``wg`` None without a gate), checked against this
         layer's layout."""
