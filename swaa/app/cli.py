@@ -28,6 +28,7 @@ from swaa.app.defaults import (
     TRANSFER_WINDOW,
     TRANSFER_WINDOWS,
 )
+from swaa.convert.record import KINDS
 
 __all__ = ["main"]
 
@@ -416,9 +417,7 @@ def _add_conversion(p, required: bool = False, default=None) -> None:
         "value starts with '-')"
         + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
     )
-    p.add_argument(
-        "--kind", default="gla", choices=("gla", "linear"), help="linear layer kind (default: gla)"
-    )
+    p.add_argument("--kind", default="gla", choices=sorted(KINDS), help="linear layer kind (default: gla)")
     p.add_argument(
         "--option",
         action="append",

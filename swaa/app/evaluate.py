@@ -23,18 +23,16 @@ __all__ = [
 
 
 def attention_types(model) -> list[str]:
-    """Attention of each decoder layer: ``"softmax"``, ``"gla"`` or ``"linear"``."""
-    from swaa.layers import GatedLinearAttention, LinearAttention
+    """Attention of each decoder layer: ``"softmax"``, or the conversion kind of its swaa layer (a key of
+    ``swaa.convert.KINDS``: ``"gla"``, ``"linear"``, ``"swa_gla"``, ...; a subclass of a swaa layer
+    reads as the kind it derives from)."""
+    from swaa.convert.record import KINDS
 
+    kind_of = {name: kind for kind, name in KINDS.items()}
     kinds = []
     for layer in model.model.layers:
-        attn = layer.self_attn
-        if isinstance(attn, GatedLinearAttention):
-            kinds.append("gla")
-        elif isinstance(attn, LinearAttention):
-            kinds.append("linear")
-        else:
-            kinds.append("softmax")
+        names = [cls.__name__ for cls in type(layer.self_attn).__mro__ if cls.__module__.startswith("swaa.")]
+        kinds.append(next((kind_of[n] for n in names if n in kind_of), "softmax"))
     return kinds
 
 
