@@ -42,9 +42,13 @@ def check_layers_recorded(model) -> None:
             unrecorded.append((name, module, int(m.group(1)) if m else None))
     if not unrecorded:
         return
-    kinds = {kind for kind, cls in KINDS.items() for _, module, _ in unrecorded if type(module).__name__ == cls}
+    kinds = {
+        kind for kind, cls in KINDS.items() for _, module, _ in unrecorded if type(module).__name__ == cls
+    }
     indices = sorted(i for _, _, i in unrecorded if i is not None)
-    how = f"swaa.convert_to_hybrid(model, {indices}" + (f", kind={kinds.pop()!r})" if len(kinds) == 1 else ")")
+    how = f"swaa.convert_to_hybrid(model, {indices}" + (
+        f", kind={kinds.pop()!r})" if len(kinds) == 1 else ")"
+    )
     names = ", ".join(f"{name} ({type(module).__name__})" for name, module, _ in unrecorded)
     raise ValueError(
         f"save_pretrained: {names} {'is' if len(unrecorded) == 1 else 'are'} not in the conversion record of "
