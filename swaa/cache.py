@@ -1541,7 +1541,7 @@ _CACHE_ADDED = {
 # hack / unhack
 
 
-def _family(roots) -> list[type]:
+def _subclasses_of(roots) -> list[type]:
     seen: dict[type, None] = {}
     stack = list(roots)
     while stack:
@@ -1561,8 +1561,8 @@ def _set(cls: type, name: str, value) -> None:
     setattr(cls, name, value)
 
 
-def _patch_family(roots, added: dict, wrappers: dict, extra_root_attrs, properties=None) -> None:
-    for cls in _family(roots):
+def _patch_classes(roots, added: dict, wrappers: dict, extra_root_attrs, properties=None) -> None:
+    for cls in _subclasses_of(roots):
         if cls in _saved:
             continue  # patched by an earlier call: a repeated hack only looks at new classes
         _saved[cls] = {}
@@ -1600,8 +1600,8 @@ def hack_kv_cache_recurrent_state() -> None:
     """
     global _hacked
     with _lock:
-        _patch_family(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs, _LAYER_PROPERTIES)
-        _patch_family((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, _cache_root_attrs)
+        _patch_classes(_LAYER_ROOTS, _LAYER_ADDED, _LAYER_WRAPPERS, _root_attrs, _LAYER_PROPERTIES)
+        _patch_classes((_cu.Cache,), _CACHE_ADDED, _CACHE_WRAPPERS, _cache_root_attrs)
         for name in _RESIZE_OPS:
             if not hasattr(_STATIC, name):
                 _set(_STATIC, name, _static_resize_op(name))

@@ -59,7 +59,7 @@ def family():
     roots = [cu.CacheLayerMixin] + [
         getattr(cu, n) for n in ("LinearAttentionCacheLayerMixin", "DummyLayer") if hasattr(cu, n)
     ]
-    return sc._family(roots) + sc._family([cu.Cache])
+    return sc._subclasses_of(roots) + sc._subclasses_of([cu.Cache])
 
 
 def snapshot():
@@ -119,7 +119,7 @@ def test_every_layer_class_and_cache_class_gets_the_api():
     for cls in layer_classes:
         for name in LAYER_API:
             assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
-    for cls in sc._family([cu.Cache]):
+    for cls in sc._subclasses_of([cu.Cache]):
         for name in ("state_update", "get_recurrent_state", "is_recurrent_state_initialized"):
             assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
 
