@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
@@ -28,31 +27,17 @@ from swaa.app.defaults import (
     TRANSFER_WINDOW,
     TRANSFER_WINDOWS,
 )
-from swaa.convert.record import KINDS
+from swaa.app.flags import DTYPES as _DTYPES
+from swaa.app.flags import add_conversion_flags as _add_conversion
+from swaa.app.flags import parse_options as _options
 
 __all__ = ["main"]
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(name):
     import torch
 
     return None if name is None else getattr(torch, name)
-
-
-def _options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
-        # numbers, booleans and null as JSON, anything else as a plain string
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def _load(spec: str, dtype=None, tokenizer: bool = True):
@@ -403,26 +388,6 @@ def _add_transfer(p, with_defaults: bool, steps_help: str) -> None:
         default=default(TRANSFER_LR),
         metavar="LR",
         help=f"attention transfer learning rate (default: {TRANSFER_LR:g})",
-    )
-
-
-def _add_conversion(p, required: bool = False, default=None) -> None:
-    p.add_argument(
-        "--linear-layers",
-        required=required,
-        default=default,
-        metavar="SPEC",
-        help="layers to convert: 'all', 'none', 'last:N', 'first:N', 'every:N' (keep every N-th layer softmax), "
-        "or indices/ranges like '0,2,5-7'; negative indices count from the end ('-1', or '=-1,-2' when the "
-        "value starts with '-')"
-        + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
-    )
-    p.add_argument("--kind", default="gla", choices=sorted(KINDS), help="linear layer kind (default: gla)")
-    p.add_argument(
-        "--option",
-        action="append",
-        metavar="KEY=VALUE",
-        help="layer option, repeatable (e.g. gate=from_keys)",
     )
 
 

@@ -300,7 +300,7 @@ def _dtype(name):
 
 
 def _options(pairs):
-    from swaa.app.cli import _options as parse
+    from swaa.app.flags import parse_options as parse
 
     return parse(pairs)
 
@@ -384,7 +384,8 @@ def _cmd_distill(args) -> int:
 
 def add_distill_parser(sub) -> None:
     """Register ``swaa distill`` on the CLI's subparsers (no torch imported)."""
-    from swaa.app.cli import _DTYPES, _add_conversion
+    from swaa.app.flags import DTYPES as _DTYPES
+    from swaa.app.flags import add_conversion_flags as _add_conversion
 
     p = sub.add_parser(
         "distill",

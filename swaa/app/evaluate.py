@@ -26,7 +26,7 @@ def attention_types(model) -> list[str]:
     """Attention of each decoder layer: ``"softmax"``, or the conversion kind of its swaa layer (a key of
     ``swaa.convert.KINDS``: ``"gla"``, ``"linear"``, ``"swa_gla"``, ...; a subclass of a swaa layer
     reads as the kind it derives from)."""
-    from swaa.convert.record import KINDS
+    from swaa.conversion import KINDS
 
     kind_of = {name: kind for kind, name in KINDS.items()}
     kinds = []

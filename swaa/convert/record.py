@@ -12,6 +12,8 @@ import operator
 import re
 from collections.abc import Iterable
 
+from swaa.conversion import KINDS, RECORD_KEY
+
 __all__ = [
     "KINDS",
     "RECORD_KEY",
@@ -22,17 +24,6 @@ __all__ = [
     "hybrid_record",
     "parse_linear_layers",
 ]
-
-# config attribute holding the conversion; saved into config.json with the rest of the config
-RECORD_KEY = "swaa_hybrid"
-
-# conversion kind -> class name in swaa.layers
-KINDS = {
-    "gla": "GatedLinearAttention",
-    "linear": "LinearAttention",
-    "swa_gla": "SlidingWindowGatedLinearAttention",
-    "swa_linear": "SlidingWindowLinearAttention",
-}
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 # one index of a comma-separated list; negative ones count from the end ("-1" is the last layer)

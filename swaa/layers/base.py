@@ -19,6 +19,7 @@ from swaa import kernels
 from swaa.layers.feature_maps import FEATURE_MAPS, build_feature_map
 from swaa.layers.host_inputs import check_state_batch, packed_cu_seqlens, pick_cache, tokens_to_keep
 from swaa.layers.modules import RMSNorm, apply_rope
+from swaa.layers.saving import guard_save_pretrained
 from swaa.layers.shape import SHAPE_KEYWORDS, resolve_shape
 from swaa.validation import check_bool, check_int, check_number
 
@@ -122,9 +123,7 @@ class RecurrentAttentionBase(nn.Module):
         if output_gate:
             self.g_proj = nn.Linear(hidden, H * D, bias=False)
         # save_pretrained refuses a model holding a layer its conversion record does not name (see there)
-        from swaa.convert.saving import guard_save_pretrained
-
-        guard_save_pretrained()
+        guard_save_pretrained(RecurrentAttentionBase)
 
     def zero_state(self, batch_size: int, device=None):
         """The state of a fresh sequence, as this layer keeps it in a cache: zeros ``[B, H, K, V]`` (and

@@ -16,6 +16,8 @@ import functools
 import re
 import threading
 
+from swaa.conversion import KINDS, RECORD_KEY
+
 __all__ = ["check_layers_recorded", "guard_save_pretrained"]
 
 _lock = threading.Lock()
@@ -23,16 +25,14 @@ _installed = False
 _PLACE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
 
 
-def check_layers_recorded(model) -> None:
-    """Raise ValueError if ``model`` holds a swaa layer that its config's conversion record does not name
-    (a layer placed by hand, or one of another kind than the record's), naming the layers."""
-    from swaa.convert.record import KINDS, hybrid_record
-    from swaa.layers.base import RecurrentAttentionBase
-
-    placed = [(name, m) for name, m in model.named_modules() if isinstance(m, RecurrentAttentionBase)]
+def check_layers_recorded(model, layer_class: type) -> None:
+    """Raise ValueError if ``model`` holds a swaa layer (an instance of ``layer_class``) that its config's
+    conversion record does not name (a layer placed by hand, or one of another kind than the record's),
+    naming the layers."""
+    placed = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_class)]
     if not placed:
         return
-    record = hybrid_record(getattr(model, "config", None)) or {}
+    record = getattr(getattr(model, "config", None), RECORD_KEY, None) or {}
     recorded_class = KINDS.get(record.get("kind"))
     recorded = set(record.get("linear_layers", ()))
     unrecorded = []
@@ -58,9 +58,9 @@ def check_layers_recorded(model) -> None:
     )
 
 
-def guard_save_pretrained() -> None:
-    """Make transformers' ``PreTrainedModel.save_pretrained`` run :func:`check_layers_recorded` first (once
-    per process; thread-safe). Called when a swaa layer is built."""
+def guard_save_pretrained(layer_class: type) -> None:
+    """Make transformers' ``PreTrainedModel.save_pretrained`` run :func:`check_layers_recorded` first for
+    instances of ``layer_class`` (once per process; thread-safe). Called when a swaa layer is built."""
     global _installed
     if _installed:
         return
@@ -73,7 +73,7 @@ def guard_save_pretrained() -> None:
 
         @functools.wraps(original)
         def save_pretrained(self, *args, **kwargs):
-            check_layers_recorded(self)
+            check_layers_recorded(self, layer_class)
             return original(self, *args, **kwargs)
 
         modeling_utils.PreTrainedModel.save_pretrained = save_pretrained
