@@ -219,27 +219,36 @@ def _check_folder_config(folder: str) -> None:
         )
 
 
+def _prepared(source):
+    """``(source, from_pretrained args, kwargs)`` after the checks that fail fast (an unreachable hub in a
+    second, not minutes; a missing GGUF reader; a folder without a readable config), with the hybrid
+    classes registered."""
+    if not isinstance(source, Source):
+        source = resolve_source(source)
+    hub_kwargs = check_hub_source(source)  # before transformers imports
+    if source.format == "gguf":
+        _gguf_requirements()
+    if source.format == "folder":
+        _check_folder_config(source.location)
+    from swaa.convert import register_hybrid_classes
+
+    register_hybrid_classes()
+    args, kwargs = source.from_pretrained_args()
+    kwargs.update(hub_kwargs)
+    return source, args, kwargs
+
+
 def load_config(source: Source | str):
     """The config of ``source`` without its weights (for a GGUF file: read from its metadata).
 
     Raises:
         FileNotFoundError, ValueError, OSError: as :func:`load_model`, one line naming the source.
     """
-    if not isinstance(source, Source):
-        source = resolve_source(source)
-    hub_kwargs = check_hub_source(source)  # before transformers imports: fails in a second, not minutes
-    if source.format == "gguf":
-        _gguf_requirements()
-    if source.format == "folder":
-        _check_folder_config(source.location)
+    source, args, kwargs = _prepared(source)
     from transformers import AutoConfig
 
-    from swaa.convert import register_hybrid_classes
     from swaa.convert.record import RecordError
 
-    register_hybrid_classes()
-    args, kwargs = source.from_pretrained_args()
-    kwargs.update(hub_kwargs)
     try:
         return AutoConfig.from_pretrained(*args, **kwargs)
     except RecordError:
@@ -270,22 +279,12 @@ def load_model(source: Source | str, dtype=None):
         ModuleNotFoundError: a GGUF source without the ``gguf``/``accelerate`` packages.
         OSError: transformers could not load it (one line, the first of transformers' message).
     """
-    if not isinstance(source, Source):
-        source = resolve_source(source)
-    hub_kwargs = check_hub_source(source)  # before transformers imports: fails in a second, not minutes
-    if source.format == "gguf":
-        _gguf_requirements()
-    if source.format == "folder":
-        _check_folder_config(source.location)
+    source, args, kwargs = _prepared(source)
     from transformers import AutoModelForCausalLM
 
-    from swaa.convert import register_hybrid_classes
     from swaa.convert.record import RecordError
     from swaa.convert.registry import HybridLoadError, UnreadableWeightsError, unreadable_weights_error
 
-    register_hybrid_classes()
-    args, kwargs = source.from_pretrained_args()
-    kwargs.update(hub_kwargs)
     if dtype is not None:
         kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
     try:
