@@ -24,6 +24,7 @@ import swaa.kernels
 from swaa.layers import GatedLinearAttention
 
 CONTEXT = 1024
+# the static cases decode 1 + 20 + 200 tokens after the prompt: their cache holds all of them
 
 
 def config():
@@ -89,7 +90,7 @@ def main():
         swaa.kernels.fused_step_available = fused if on else (lambda t: False)
         try:
             rows.append(case(f"gla layer, {label}, DynamicCache", gla, DynamicCache(), rot, dtype))
-            static = StaticCache(config=c, max_cache_len=CONTEXT + 64)
+            static = StaticCache(config=c, max_cache_len=CONTEXT + 512)
             rows.append(case(f"gla layer, {label}, StaticCache", gla, static, rot, dtype))
         finally:
             swaa.kernels.fused_step_available = fused
