@@ -220,16 +220,7 @@ class RecurrentAttentionBase(nn.Module):
                 f"hidden_states must be [B, T, {self.hidden_size}], got shape {tuple(hidden_states.shape)}"
             )
         B, T, _ = hidden_states.shape
-        if cache is not None:
-            if self.layer_idx is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs layer_idx (an int) to keep its state in a cache, got None"
-                )
-            ensure_cache_patch()
-            initial_state = cache.get_recurrent_state(self.layer_idx)
-            check_state_batch(initial_state, B)
-        else:
-            initial_state = None
+        initial_state = self._cached_state(cache, B)
 
         if self._fuses_decode(hidden_states, initial_state):
             return self._fused_decode(
@@ -288,6 +279,20 @@ class RecurrentAttentionBase(nn.Module):
         """The state after ``k, v, g`` (as this forward hands them to the kernel) starting from ``state``:
         what the cache recomputes when ``crop`` rolls it back. The state does not depend on the queries."""
         return self._mix(k, k, v, g, state, output_final_state=True)[1]
+
+    def _cached_state(self, cache, batch_size: int):
+        """The state this layer keeps in ``cache`` (None without a cache or before the first call),
+        checked against the batch; applies the cache patch if someone removed it."""
+        if cache is None:
+            return None
+        if self.layer_idx is None:
+            raise ValueError(
+                f"{type(self).__name__} needs layer_idx (an int) to keep its state in a cache, got None"
+            )
+        ensure_cache_patch()
+        state = cache.get_recurrent_state(self.layer_idx)
+        check_state_batch(state, batch_size)
+        return state
 
     def _real_tokens(self, attention_mask, cache, cache_position, B: int, T: int) -> torch.Tensor | None:
         """``[B or 1, T]`` bool, True where a new position is a real token, from whatever mask the host

@@ -42,9 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from swaa import kernels
-from swaa.layers.base import ensure_cache_patch
 from swaa.layers.gated_linear_attention import GatedLinearAttention
-from swaa.layers.host_inputs import check_state_batch, pick_cache, tokens_to_keep
+from swaa.layers.host_inputs import pick_cache
 from swaa.layers.linear_attention import LinearAttention
 from swaa.layers.modules import apply_rope
 from swaa.validation import check_int
@@ -189,36 +188,17 @@ class _SlidingWindowMixin:
             )
         B, T, _ = hidden_states.shape
         W, Hk, D = self.window, self.num_kv_heads, self.head_dim
-        state = None
-        if cache is not None:
-            if self.layer_idx is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs layer_idx (an int) to keep its state in a cache, got None"
-                )
-            ensure_cache_patch()
-            state = cache.get_recurrent_state(self.layer_idx)
-            check_state_batch(state, B)
-            if state is not None:
-                state = self._state_parts(state, B)
+        state = self._cached_state(cache, B)
+        if state is not None:
+            state = self._state_parts(state, B)
 
         q, k, v = self._heads(hidden_states)
         g = self._gate(hidden_states, k) if self.gated else None
         if self.use_rope and position_embeddings is not None:
             q, k = apply_rope(q, k, *position_embeddings)
 
-        keep = None
-        if attention_mask is not None:
-            if cache_position is not None:
-                offset = cache_position[0]
-            elif cache is not None:
-                offset = cache.get_seq_length(self.layer_idx)
-            else:
-                offset = 0
-            keep = tokens_to_keep(attention_mask, T, offset)
-            if keep.shape[0] not in (1, B):
-                raise ValueError(
-                    f"attention_mask must have batch size {B}, got shape {tuple(attention_mask.shape)}"
-                )
+        keep = self._real_tokens(attention_mask, cache, cache_position, B, T)
+        if keep is not None:
             keep = keep.to(k.device).expand(B, T)
             # padding enters the window as zeros marked invalid (garbage, even NaN, cannot leak)
             k, v, g = (_zero_where_not(keep[:, :, None, None], x) for x in (k, v, g))
