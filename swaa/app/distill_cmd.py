@@ -15,6 +15,9 @@ OUT holds one run and is what a rerun of the same command resumes from:
   resumes from the last complete one and loses only the steps after it;
 - at the end ``model/`` (the distilled hybrid and the tokenizer, loadable with ``from_pretrained`` after
   ``import swaa``) and ``report.json`` (losses, held-out perplexity over the run, tokens, wall time).
+  A run that ``--max-minutes`` stopped ends the same way (``report["stopped_early"]``, with the steps and
+  tokens it did) and is as finished as any: a rerun is refused. ``--max-minutes`` is the one option left
+  out of run.json's comparison, so a killed run may resume with another budget.
 
 Data-parallel: ``accelerate launch --num_processes N -m swaa distill ...`` (or ``torchrun``) with the same
 flags; ``--batch-size`` is the global batch, so the run is the same run on 1 or N processes. The first
@@ -29,7 +32,13 @@ import re
 import time
 from pathlib import Path
 
-from swaa.convert.distill_options import DEFAULTS, SCHEDULES, TRAIN_CHOICES, check_distill_options
+from swaa.convert.distill_options import (
+    DEFAULTS,
+    RESUMABLE_WITH_OTHER,
+    SCHEDULES,
+    TRAIN_CHOICES,
+    check_distill_options,
+)
 
 __all__ = [
     "DATA_SOURCES",
@@ -47,10 +56,12 @@ TEACHER_SAMPLES = 4
 TEACHER_TOKENS = 256
 DEFAULT_SEED = 0
 
-# run.json keys that must match for a rerun to resume (the others, e.g. --no-progress, may change)
+# run.json keys that must match for a rerun to resume (the others, e.g. --no-progress or --max-minutes, may
+# change: a killed run may resume with another time budget)
 _RUN_FLAGS = (
     "teacher", "student", "linear_layers", "kind", "option", "seed", "transfer_steps", "data",
-    "teacher_samples", "teacher_tokens", "eval_text", "dtype", *DEFAULTS,
+    "teacher_samples", "teacher_tokens", "eval_text", "dtype",
+    *(k for k in DEFAULTS if k not in RESUMABLE_WITH_OTHER),
 )  # fmt: skip
 _OPTION_FLAGS = {name: "--" + name.replace("_", "-") for name in DEFAULTS}
 
@@ -378,7 +389,14 @@ def _cmd_distill(args) -> int:
             if first
             else ""
         )
-        print(f"distilled {report['steps']} steps ({report['tokens']} tokens) -> {out / 'model'}{summary}")
+        stopped = (
+            f" (stopped by --max-minutes {args.max_minutes:g} before {options['steps']})"
+            if report["stopped_early"]
+            else ""
+        )
+        print(
+            f"distilled {report['steps']} steps{stopped} ({report['tokens']} tokens) -> {out / 'model'}{summary}"
+        )
     return 0
 
 
@@ -463,6 +481,13 @@ def add_distill_parser(sub) -> None:
         "save_every": (int, "checkpoint every N steps"),
         "save_total_limit": (int, "checkpoints kept"),
         "log_every": (int, "log the loss every N steps"),
+        "max_minutes": (
+            float,
+            "time budget: stop after the first optimizer step that ends N minutes after training began, "
+            "then score and write model/ and report.json as at the end (the learning-rate schedule stays "
+            "sized for --steps, so a stopped run has not annealed; a rerun of a killed run may give another "
+            "budget)",
+        ),
     }
     for name, (kind, text) in numbers.items():
         default = DEFAULTS[name]

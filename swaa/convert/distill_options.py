@@ -8,6 +8,7 @@ from swaa.validation import check_bool, check_int, check_number
 
 __all__ = [
     "DEFAULTS",
+    "RESUMABLE_WITH_OTHER",
     "SCHEDULES",
     "TRAIN_CHOICES",
     "check_distill_options",
@@ -42,7 +43,12 @@ DEFAULTS = {
     "log_every": 10,
     "seed": 0,
     "bf16": False,
+    # a time budget: stop after the first optimizer step that ends this many minutes after training began
+    # (None: none); not part of what a run is, so a resumed run may give another
+    "max_minutes": None,
 }
+# options that a resumed run may change (swaa distill compares the others with run.json's)
+RESUMABLE_WITH_OTHER = ("max_minutes",)
 
 
 def _non_negative(name, value):
@@ -91,6 +97,7 @@ def check_distill_options(**options) -> dict:
     check_int("log_every", o["log_every"], minimum=1)
     check_int("seed", o["seed"], minimum=0)
     check_bool("bf16", o["bf16"])
+    check_number("max_minutes", o["max_minutes"], positive=True, allow_none=True)
     return o
 
 

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import time
 
 import torch
 from torch import nn
@@ -34,6 +35,8 @@ __all__ = ["distill", "distill_trainer_class", "distill_loss", "heldout_metrics"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # written last into a Trainer checkpoint: a folder without it was cut off while it was being written
 _COMPLETE_MARK = "trainer_state.json"
+# the time budget's clock (seconds); a module attribute so that tests can run it faster than the wall
+_clock = time.monotonic
 
 
 def distill_loss(
@@ -169,6 +172,24 @@ def distill_trainer_class():
     return DistillTrainer
 
 
+def _time_budget(max_minutes: float):
+    """A ``TrainerCallback`` that stops training at the end of the first optimizer step that ends
+    ``max_minutes`` or more after training began (this call's training: a resumed run's budget starts
+    afresh), and has that step checkpointed, so calling again continues from it."""
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = _clock()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if _clock() - self.start >= 60 * max_minutes:
+                control.should_training_stop = True
+                control.should_save = True
+
+    return TimeBudget()
+
+
 def _check_models(teacher, student) -> list[int]:
     record = hybrid_record(getattr(student, "config", None))
     if not record or not record["linear_layers"]:
@@ -249,10 +270,16 @@ def distill(
             ``warmup_steps`` (0); ``eval_every`` (50; None: only before and after), ``eval_windows`` (8;
             None: all); ``save_every`` (50), ``save_total_limit`` (2; None: keep all); ``log_every`` (10);
             ``seed`` (0: the shuffle, the adapters' initialisation, Trainer's seed); ``bf16`` (False: bf16
-            autocast where supported).
+            autocast where supported); ``max_minutes`` (None: no time budget; M > 0: training stops at the
+            end of the first optimizer step that ends M minutes or more after this call's training began,
+            evaluation and checkpoint writing included; that step is checkpointed and scored on
+            ``eval_ids`` as a last step is, and the report says ``stopped_early``. The learning-rate
+            schedule stays sized for ``steps``: a stopped run has not annealed. Calling again with the same
+            ``output_dir`` continues from the stop, with a budget of its own).
 
     Returns:
-        dict: ``steps`` (global steps done), ``resumed_from`` (checkpoint path or None), ``train_windows``,
+        dict: ``steps`` (global steps done), ``stopped_early`` (True when ``max_minutes`` stopped it before
+        ``steps``), ``max_minutes``, ``resumed_from`` (checkpoint path or None), ``train_windows``,
         ``tokens`` (training tokens seen over the whole run, all processes), ``trained_parameters``,
         ``losses`` (``[[step, loss], ...]`` as logged), ``eval`` (``[{step, ppl, teacher_ppl, ppl_ratio, kl}]``,
         in order; empty without ``eval_ids``), ``output_dir``.
@@ -330,6 +357,7 @@ def distill(
         model.train()
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         eval_on = held_out is not None
+        budget = [] if o["max_minutes"] is None else [_time_budget(o["max_minutes"])]
         args = TrainingArguments(
             output_dir=output_dir,
             max_steps=o["steps"],
@@ -362,7 +390,7 @@ def distill(
             args=args,
             train_dataset=_Windows(windows),
             eval_dataset=_Windows(held_out) if eval_on else None,
-            callbacks=callbacks,
+            callbacks=budget + list(callbacks or []),
             teacher=teacher,
             kl_weight=o["kl_weight"],
             ce_weight=o["ce_weight"],
@@ -394,6 +422,8 @@ def distill(
     history = trainer.state.log_history
     return {
         "steps": trainer.state.global_step,
+        "stopped_early": trainer.state.global_step < o["steps"],
+        "max_minutes": o["max_minutes"],
         "resumed_from": checkpoint,
         "train_windows": len(windows),
         "tokens": trainer.state.global_step * o["batch_size"] * windows.shape[1],

@@ -3,6 +3,8 @@ tokenizer built here (nothing downloaded): a killed run resumes from its last ch
 rerun with other flags is refused, bad flags are refused before any model is even located, and auto:N
 writes its measurement into the saved config, the same for the same seed."""
 
+import functools
+import itertools
 import json
 import signal
 import subprocess
@@ -75,11 +77,13 @@ def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, teacher
     assert main([*args[:-6], "--steps", "60", "--save-every", "3", "--eval-every", "10"]) == 1
     assert "holds a run started with other flags (eval_every: 30 then, 10 now)" in capsys.readouterr().err
 
-    assert main(args) == 0
+    # a time budget is not part of the run: the killed run resumes with one
+    assert main([*args, "--max-minutes", "600"]) == 0
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "distilled 60 steps" in printed
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 60 and report["resumed_from"] and report["linear_layers"] == [1, 3]
+    assert report["stopped_early"] is False and report["tokens"] == 60 * 2 * 32
     assert [e["step"] for e in report["eval"]][-1] == 60
     assert report["eval"][-1]["kl"] < report["eval"][0]["kl"]
 
@@ -94,6 +98,28 @@ def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, teacher
     assert "holds a finished run" in capsys.readouterr().err
 
 
+def test_a_run_stopped_by_its_time_budget_is_finished(tmp_path, teacher_dir, capsys, monkeypatch):
+    from swaa.convert import distillation
+
+    # a clock that moves one minute each time it is read: at training's start, then at each step's end
+    monkeypatch.setattr(distillation, "_clock", functools.partial(next, itertools.count(0, 60)))
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--steps", "60", "--save-every", "100", "--eval-every", "100")
+    assert main([*args, "--max-minutes", "2.5"]) == 0, capsys.readouterr().err
+    assert (
+        "distilled 3 steps (stopped by --max-minutes 2.5 before 60) (192 tokens)" in capsys.readouterr().out
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["stopped_early"] is True and report["steps"] == 3 and report["tokens"] == 3 * 2 * 32
+    assert [e["step"] for e in report["eval"]] == [0, 3]  # the final held-out score, at the stop
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.swaa_hybrid["linear_layers"] == [1, 3]
+    # stopped is finished: a rerun, even with a larger budget, is refused
+    assert main([*args, "--max-minutes", "600"]) == 1
+    assert "holds a finished run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -104,6 +130,11 @@ def test_a_killed_distill_run_resumes_from_its_last_checkpoint(tmp_path, teacher
         ),
         (["--linear-layers", "1", "--lora-alpha", "4"], "--lora-alpha needs --lora-rank >= 1"),
         (["--linear-layers", "1", "--steps", "0"], "--steps must be a positive int, got 0"),
+        (
+            ["--linear-layers", "1", "--max-minutes", "0"],
+            "--max-minutes must be a positive number or None, got 0.0",
+        ),
+        (["--linear-layers", "1", "--max-minutes", "-5"], "--max-minutes must be a positive number or None"),
         ([], "give either --student (a saved hybrid) or --linear-layers"),
         (["--linear-layers", "1", "--student", "x"], "give either --student"),
         (["--linear-layers", "auto:x"], "'auto:N' needs an integer N >= 0"),

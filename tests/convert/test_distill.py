@@ -4,6 +4,8 @@ with the same global batch, LoRA adapters merge back into a plain hybrid, auto:N
 options are refused before anything trains. Needs accelerate (Trainer does); the LoRA cases need peft."""
 
 import copy
+import functools
+import itertools
 import json
 import os
 import socket
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import swaa
-from swaa.convert import convert_to_hybrid
+from swaa.convert import convert_to_hybrid, distillation
 from swaa.convert.distill_data import debian_prose, sample_teacher_text
 from swaa.convert.distill_options import check_distill_options
 from swaa.convert.distillation import distill_loss, last_checkpoint
@@ -111,6 +113,41 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model
     # a finished run resumed trains no more
     again = swaa.distill(teacher, student, train, output_dir=tmp_path / "cut", **options)
     assert again["resumed_from"].endswith("checkpoint-8") and again["steps"] == 8
+
+
+def test_a_time_budget_stops_after_the_step_that_crosses_it_and_a_later_call_finishes_the_run(
+    tmp_path, tiny_model, tiny_ids, monkeypatch
+):
+    # a clock that moves one minute each time it is read: at training's start, then at each step's end
+    monkeypatch.setattr(distillation, "_clock", functools.partial(next, itertools.count(0, 60)))
+    train, held_out = tiny_ids(40 * WINDOW, seed=5), tiny_ids(2 * WINDOW, seed=99)
+    options = dict(RUN, steps=8, save_every=100, eval_every=None, progress=False)
+
+    teacher, student = pair(tiny_model)
+    whole = swaa.distill(teacher, student, train, output_dir=tmp_path / "whole", **options)
+    expected = state(student)
+    assert whole["stopped_early"] is False and whole["max_minutes"] is None
+
+    teacher, student = pair(tiny_model)
+    cut = swaa.distill(
+        teacher, student, train, held_out, output_dir=tmp_path / "cut", max_minutes=2.5, **options
+    )
+    # 1, 2, then 3 minutes at the ends of steps 1-3: step 3 is the first to end past 2.5
+    assert cut["stopped_early"] is True and cut["steps"] == 3 and cut["max_minutes"] == 2.5
+    assert cut["tokens"] == 3 * 4 * WINDOW and [s for s, _ in cut["losses"]] == [1, 2, 3]
+    assert [e["step"] for e in cut["eval"]] == [0, 3]  # scored at the stop as after a last step
+    assert last_checkpoint(tmp_path / "cut").endswith("checkpoint-3")
+    torch.testing.assert_close(cut["losses"], whole["losses"][:3], rtol=1e-6, atol=0)
+
+    # a later call continues from the stop on the schedule of all 8 steps: the uninterrupted run
+    teacher, student = pair(tiny_model)
+    rest = swaa.distill(teacher, student, train, output_dir=tmp_path / "cut", max_minutes=60.0, **options)
+    assert rest["resumed_from"].endswith("checkpoint-3") and rest["steps"] == 8
+    assert rest["stopped_early"] is False
+    torch.testing.assert_close(rest["losses"], whole["losses"], rtol=1e-6, atol=0)
+    after = state(student)
+    for k in expected:
+        torch.testing.assert_close(after[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_lora_adapters_train_the_rest_and_merge_into_a_plain_hybrid(tmp_path, tiny_model, tiny_ids):
@@ -232,6 +269,8 @@ def test_the_global_batch_must_split_evenly_over_processes(tmp_path, tiny_model,
         (dict(warmup_steps=200), ValueError, "warmup_steps must be < steps=200"),
         (dict(eval_every=0), ValueError, "eval_every must be a positive int or None"),
         (dict(bf16="yes"), TypeError, "bf16 must be a bool"),
+        (dict(max_minutes=0), ValueError, "max_minutes must be a positive number or None, got 0"),
+        (dict(max_minutes="5"), TypeError, "max_minutes must be a positive number or None, got str"),
         (dict(steps=2.5), TypeError, "steps must be a positive int, got float"),
         (dict(step=10), TypeError, "unknown distillation options \\['step'\\]"),
         (dict(resume="yes"), TypeError, "resume must be a bool"),
