@@ -183,7 +183,14 @@ def _time_budget(max_minutes: float):
             self.start = _clock()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if _clock() - self.start >= 60 * max_minutes:
+            stop = _clock() - self.start >= 60 * max_minutes
+            if args.world_size > 1:
+                # every process stops at the same step: the first process's clock decides for all (two
+                # clocks could disagree on which step crossed, and the others would wait at the next one)
+                flag = torch.tensor([float(stop)], device=args.device)
+                torch.distributed.broadcast(flag, src=0)
+                stop = bool(flag.item())
+            if stop:
                 control.should_training_stop = True
                 control.should_save = True
 

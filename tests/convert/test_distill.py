@@ -190,6 +190,7 @@ report = swaa.distill(teacher, student, torch.load(sys.argv[3]), output_dir=sys.
                       **{k: v for k, v in __import__("json").loads(sys.argv[5]).items()})
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save(student.state_dict(), sys.argv[6])
+    __import__("json").dump(report, open(sys.argv[6] + ".json", "w"))
 """
 
 
@@ -243,6 +244,34 @@ def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model,
     assert moved > 1e-3
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_two_processes_stop_at_the_same_step_of_a_time_budget(tmp_path, tiny_model, tiny_ids):
+    # a budget every step overruns: the first process's clock decides, so both stop after step 1 (a process
+    # that went on alone would wait for the other at its next all-reduce, and the launch would time out)
+    teacher, student = pair(tiny_model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    torch.save(tiny_ids(24 * WINDOW, seed=5), tmp_path / "ids.pt")
+    options = dict(RUN, steps=6, save_every=100, max_minutes=1e-9)
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out")]
+    done = subprocess.run(
+        [*launch, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "two.pt.json").read_text())
+    assert report["steps"] == 1 and report["stopped_early"] is True
+    assert last_checkpoint(tmp_path / "out").endswith("checkpoint-1")
 
 
 def test_the_global_batch_must_split_evenly_over_processes(tmp_path, tiny_model, tiny_ids, monkeypatch):
