@@ -11,6 +11,8 @@ OUT holds one run and is what a rerun of the same command resumes from:
 - ``student-init/``: the hybrid before distillation (converted here, after attention transfer if asked),
   so a resumed run neither re-measures nor re-transfers;
 - ``train_ids.pt``: the training tokens (teacher samples and/or Debian prose and/or files), made once;
+  ``--data`` of another run's ``train_ids.pt`` (any ``.pt`` file of a 1-D integer tensor) uses those ids as
+  they are, checked against TEACHER's vocabulary before any weights load, so runs can share one sampling;
 - ``checkpoints/checkpoint-<step>/``: Trainer's checkpoints; a run stopped by Ctrl-C or a killed process
   resumes from the last complete one and loses only the steps after it;
 - at the end ``model/`` (the distilled hybrid and the tokenizer, loadable with ``from_pretrained`` after
@@ -49,9 +51,11 @@ __all__ = [
     "resolve_and_convert",
 ]
 
-# --data: text the teacher samples, Debian's licence texts, or a UTF-8 file (anything else)
+# --data: text the teacher samples, Debian's licence texts, token ids saved with torch.save (a .pt file),
+# or a UTF-8 file (anything else)
 DATA_SOURCES = ("teacher", "debian")
 DEFAULT_DATA = ["teacher", "debian"]
+IDS_SUFFIX = ".pt"
 TEACHER_SAMPLES = 4
 TEACHER_TOKENS = 256
 DEFAULT_SEED = 0
@@ -192,10 +196,28 @@ def _check_flags(args) -> dict:
     return options
 
 
+def _is_ids_file(source: str) -> bool:
+    return source not in DATA_SOURCES and Path(source).suffix.lower() == IDS_SUFFIX
+
+
+def _check_id_files(args, vocab_size: int) -> None:
+    """Every ``--data`` .pt file read and checked against TEACHER's vocabulary, before any weights load."""
+    from swaa.convert.distill_data import load_token_ids
+
+    for source in args.data:
+        if _is_ids_file(source):
+            load_token_ids(Path(source).expanduser(), vocab_size, "--data")
+
+
 def _default_eval_text() -> Path:
     from swaa.app.demo import default_text_path
 
     return default_text_path()
+
+
+def _vocab_size(config, tokenizer) -> int:
+    # the ids the teacher's embedding takes (the tokenizer's size where a config has none)
+    return getattr(config, "vocab_size", None) or len(tokenizer)
 
 
 def _world_size() -> int:
@@ -221,7 +243,7 @@ def _training_ids(args, teacher, tokenizer):
 
     from swaa.app.evaluate import tokenize_text
     from swaa.app.loading import read_text_file
-    from swaa.convert.distill_data import debian_prose, sample_teacher_text
+    from swaa.convert.distill_data import debian_prose, load_token_ids, sample_teacher_text
 
     parts = []
     for source in args.data:
@@ -235,6 +257,11 @@ def _training_ids(args, teacher, tokenizer):
                     seed=args.seed,
                     progress=args.progress,
                 )
+            )
+        elif _is_ids_file(source):
+            # token ids as saved (e.g. another run's train_ids.pt): no tokenizer involved
+            parts.append(
+                load_token_ids(Path(source).expanduser(), _vocab_size(teacher.config, tokenizer), "--data")
             )
         else:
             text = debian_prose() if source == "debian" else read_text_file(source, "--data")
@@ -333,7 +360,7 @@ def _cmd_distill(args) -> int:
 
     import swaa
     from swaa.app.evaluate import tokenize_text
-    from swaa.app.loading import load_model, load_tokenizer, read_text_file, resolve_source
+    from swaa.app.loading import load_config, load_model, load_tokenizer, read_text_file, resolve_source
     from swaa.convert import hybrid_record
     from swaa.convert.windows import split_windows
 
@@ -346,6 +373,8 @@ def _cmd_distill(args) -> int:
         ) from None
     eval_ids = tokenize_text(tokenizer, read_text_file(args.eval_text, "--eval-text"))
     split_windows(eval_ids, options["window"])  # enough held-out text for one window, before any weights load
+    if any(_is_ids_file(d) for d in args.data):
+        _check_id_files(args, _vocab_size(load_config(source), tokenizer))
     teacher = load_model(source, dtype=_dtype(args.dtype))
 
     # the process group, as Trainer will set it up: the first process prepares, the others wait for it
@@ -443,7 +472,9 @@ def add_distill_parser(sub) -> None:
         action="append",
         metavar="SOURCE",
         help="training text, repeatable: 'teacher' (continuations TEACHER samples from varied prompts), "
-        "'debian' (the licence texts in /usr/share/common-licenses), or a UTF-8 file (default: teacher and debian)",
+        "'debian' (the licence texts in /usr/share/common-licenses), a .pt file of token ids (a 1-D integer "
+        "tensor saved with torch.save, e.g. another run's train_ids.pt, used as it is: runs can share one "
+        "sampling of TEACHER), or a UTF-8 file (default: teacher and debian)",
     )
     p.add_argument(
         "--teacher-samples",

@@ -11,6 +11,9 @@ Debian installs on every machine.
   Debian's ``base-files`` package, which every Debian and Ubuntu system has. Each licence allows verbatim
   copies of its own text; nothing of it is committed here, it is read on the machine at run time.
 
+- **Token ids saved before** (:func:`load_token_ids`): a 1-D integer tensor saved with ``torch.save``, e.g.
+  another run's ``train_ids.pt``, used as it is, so that several runs train on one sampling of the teacher.
+
 Evaluate on a text of another source that neither of these contains: the shipped
 ``swaa/data/jargon_file_excerpt.txt`` (public domain) is what ``swaa distill`` uses by default.
 """
@@ -26,7 +29,7 @@ import torch
 
 from swaa.validation import check_bool, check_int, check_number
 
-__all__ = ["DEBIAN_PROSE", "DEFAULT_PROMPTS", "debian_prose", "sample_teacher_text"]
+__all__ = ["DEBIAN_PROSE", "DEFAULT_PROMPTS", "debian_prose", "load_token_ids", "sample_teacher_text"]
 
 # where Debian's base-files package puts the common licence texts
 DEBIAN_PROSE = ("/usr/share/common-licenses",)
@@ -108,6 +111,50 @@ def debian_prose(sources: Sequence[str] = DEBIAN_PROSE) -> str:
             f"no text found in {list(sources)} (Debian's base-files package installs /usr/share/common-licenses)"
         )
     return "\n\n".join(texts)
+
+
+def load_token_ids(path, vocab_size: int, what: str = "token ids") -> torch.Tensor:
+    """Token ids saved with ``torch.save`` (e.g. a ``swaa distill`` run's ``train_ids.pt``), checked.
+
+    Args:
+        path (str | os.PathLike): the file; read with ``weights_only=True`` (no code runs).
+        vocab_size (int): the model's vocabulary size; every id must be in ``[0, vocab_size)``.
+        what (str): how errors name the file's source (the CLI passes ``"--data"``). Default: ``"token ids"``.
+
+    Returns:
+        torch.Tensor: int64 ``[N]`` on the CPU, the saved ids unchanged.
+
+    Raises:
+        ValueError: not a tensor file, not a non-empty 1-D integer tensor, or an id outside the vocabulary.
+    """
+    check_int("vocab_size", vocab_size, minimum=1)
+    path = os.fspath(path)
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises pickle's, zipfile's and its own errors alike
+        message = " ".join(str(err).split())[:200]
+        raise ValueError(f"{what} {path!r}: not a tensor saved with torch.save ({message})") from None
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{what} {path!r}: holds a {type(ids).__name__}, not a tensor of token ids")
+    if (
+        ids.dim() != 1
+        or ids.numel() == 0
+        or ids.dtype.is_floating_point
+        or ids.is_complex()
+        or ids.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{what} {path!r}: needs a non-empty 1-D integer tensor of token ids, got {ids.dtype} of shape "
+            f"{list(ids.shape)}"
+        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{what} {path!r}: token id {bad} is outside the vocabulary of {vocab_size} (ids 0 to "
+            f"{vocab_size - 1}); were these ids made with another tokenizer?"
+        )
+    return ids.long()
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -120,6 +120,68 @@ def test_a_run_stopped_by_its_time_budget_is_finished(tmp_path, teacher_dir, cap
     assert "holds a finished run" in capsys.readouterr().err
 
 
+def test_token_ids_saved_by_one_run_are_used_as_they_are_by_another(tmp_path, teacher_dir, capsys):
+    import torch
+
+    ids = torch.randint(4, 99, (300,), generator=torch.Generator().manual_seed(0))
+    torch.save(ids.to(torch.int32), tmp_path / "ids.pt")
+    quick = ["--steps", "1", "--save-every", "100", "--eval-every", "100", "--eval-windows", "1"]
+    first = [
+        "distill", str(teacher_dir), str(tmp_path / "a"), "--linear-layers", "1,3", "--data",
+        str(tmp_path / "ids.pt"), "--data", str(teacher_dir / "prose.txt"), "--window", "32",
+        "--batch-size", "2", "--no-progress", *quick,
+    ]  # fmt: skip
+    assert main(first) == 0, capsys.readouterr().err
+    assert f"training text: {tmp_path / 'ids.pt'}: 300 tokens" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "a" / "train_ids.pt")
+    assert saved.dtype == torch.long and torch.equal(saved[:300], ids)  # as saved, then the tokenized prose
+    assert saved.numel() == 300 + len(PROSE * 30)  # one token a character
+
+    # the second run trains on the first's training tokens, not a new sampling of the teacher
+    second = [*first[:2], str(tmp_path / "b"), "--linear-layers", "0"]
+    second += ["--data", str(tmp_path / "a" / "train_ids.pt"), *first[9:]]
+    assert main(second) == 0, capsys.readouterr().err
+    assert torch.equal(torch.load(tmp_path / "b" / "train_ids.pt"), saved)
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        (
+            lambda t: t.randint(4, 99, (64,)).float(),
+            "needs a non-empty 1-D integer tensor of token ids, got torch.float32 of shape [64]",
+        ),
+        (lambda t: t.randint(4, 99, (2, 32)), "got torch.int64 of shape [2, 32]"),
+        (lambda t: t.tensor([5, 99, 7]), "token id 99 is outside the vocabulary of 99 (ids 0 to 98)"),
+        (lambda t: t.tensor([5, -1]), "token id -1 is outside the vocabulary of 99"),
+        (lambda t: {"ids": t.arange(8)}, "holds a dict, not a tensor of token ids"),
+        (None, "not a tensor saved with torch.save"),
+    ],
+    ids=["float", "2-D", "too-large", "negative", "dict", "not-torch"],
+)
+def test_bad_token_id_files_are_refused_before_any_weights_load(
+    tmp_path, teacher_dir, capsys, monkeypatch, saved, message
+):
+    import torch
+
+    import swaa.app.loading
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before --data was checked")
+
+    monkeypatch.setattr(swaa.app.loading, "load_model", no_weights)
+    path = tmp_path / "ids.pt"
+    if saved is None:
+        path.write_text("token ids, but as text")
+    else:
+        torch.save(saved(torch), path)
+    out = tmp_path / "out"
+    assert main(distill_args(teacher_dir, out)[:5] + ["--data", str(path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"swaa distill: error: --data {str(path)!r}: ") and message in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
