@@ -1561,6 +1561,27 @@ def _set(cls: type, name: str, value) -> None:
     setattr(cls, name, value)
 
 
+# the leading parameters a wrapper takes positionally; a subclass whose own method names others speaks
+# another protocol (FLA's `FLACache.update(recurrent_state=..., layer_idx=...)`) and is left as it is
+_WRAPPED_PARAMS = {"update": ("key_states", "value_states")}
+
+
+def _speaks_stock_protocol(func, name: str, cls: type) -> bool:
+    wanted = _WRAPPED_PARAMS.get(name)
+    if wanted is None:
+        return True
+    if issubclass(cls, _cu.Cache):
+        wanted = (*wanted, "layer_idx")
+    try:
+        params = list(inspect.signature(func).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params[: len(wanted) + 1]):
+        return True
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return tuple(names[: len(wanted)]) == wanted
+
+
 def _patch_classes(roots, added: dict, wrappers: dict, extra_root_attrs, properties=None) -> None:
     for cls in _subclasses_of(roots):
         if cls in _saved:
@@ -1580,6 +1601,8 @@ def _patch_classes(roots, added: dict, wrappers: dict, extra_root_attrs, propert
                 continue
             # abstract stubs are never called; wrapping them would only blur the class
             if not callable(orig) or getattr(orig, "__isabstractmethod__", False):
+                continue
+            if not _speaks_stock_protocol(orig, name, cls):
                 continue
             _set(cls, name, make(orig, name))
         for name, make in (properties or {}).items():

@@ -136,6 +136,29 @@ def test_hack_covers_layer_classes_defined_later_when_called_again():
     assert layer.get_recurrent_state() is None
 
 
+def test_classes_with_their_own_update_protocol_are_left_alone():
+    # FLA's cache subclasses transformers' but stores states through update(recurrent_state=..., layer_idx=...):
+    # wrapping it with the key/value signature broke every FLA model in a process that imported swaa
+    class OwnLayer(cu.DynamicLayer):
+        def update(self, recurrent_state=None, offset=1, cache_kwargs=None):
+            self.seen = getattr(self, "seen", 0) + offset
+            return {"recurrent_state": recurrent_state}
+
+    class OwnCache(cu.Cache):
+        def __init__(self):
+            self.layers = [OwnLayer()]
+
+        def update(self, recurrent_state=None, attn_state=None, layer_idx=0, offset=1, cache_kwargs=None):
+            return self.layers[layer_idx].update(recurrent_state=recurrent_state, offset=offset)
+
+    stock = OwnCache.__dict__["update"], OwnLayer.__dict__["update"]
+    hack_kv_cache_recurrent_state()  # picks the new classes up
+    assert (OwnCache.__dict__["update"], OwnLayer.__dict__["update"]) == stock
+    cache, state = OwnCache(), torch.ones(2)
+    assert cache.update(recurrent_state=state, layer_idx=0, offset=3)["recurrent_state"] is state
+    assert cache.layers[0].seen == 3
+
+
 # ------------------------------------------------------------------------------------------------ layer API
 
 
