@@ -24,6 +24,9 @@ for step in "$@"; do
     # decode speed, eager vs compiled (issue 10); it starts no case that would end within 60 s of the step's
     # limit, and writes its JSON after every case. DECODE_ARGS: e.g. DECODE_ARGS="--points 1x1k,64x8k"
     decode) cmd=(python3 benchmarks/bench_decode_gpu.py --out "$OUT/decode_gpu_$dev.json" --budget-s $((limit > 120 ? limit - 60 : limit / 2)) ${DECODE_ARGS:-}) ;;
+    # prompt lookup vs greedy and one verification step's cost (issue 13), hybrid and Qwen3; it starts no case
+    # that would end within 30 s of the step's limit. SPEC_ARGS: e.g. SPEC_ARGS="--repeats 1 --no-self-draft"
+    speculative) cmd=(python3 benchmarks/bench_speculative_gpu.py --out "$OUT/speculative_gpu_$dev.json" --budget-s $((limit > 60 ? limit - 30 : limit / 2)) ${SPEC_ARGS:-}) ;;
     # every gpu-marked test under tests/ (a new GPU test file runs without being named here), one line
     # per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
