@@ -1,9 +1,10 @@
 """Speculative decoding on the GPU (issue 13): prompt lookup on a Qwen3-1.7B-shaped model and its every:4
 GLA hybrid, against plain greedy, and the cost of one verification step.
 
-Random weights (speed does not depend on them), bf16, B=1, DynamicCache, eager ``generate()`` (SDPA left
-to pick its backend: a verification forward of k > 1 tokens on a cache carries a mask, which the flash
-backend refuses). Both models are in one process, the hybrid being ``swaa.convert_to_hybrid(copy of the
+Random weights (speed does not depend on them), bf16, B=1, DynamicCache, eager ``generate()``; SDPA may
+use flash, memory-efficient or math (``--sdpa``): flash runs the prompt and the single-token steps, and a
+verification forward of k > 1 tokens on a cache, which carries a mask that flash refuses, runs on
+memory-efficient. Both models are in one process, the hybrid being ``swaa.convert_to_hybrid(copy of the
 Qwen3, "every:4", kind="gla")``: 21 of 28 layers GLA, the rest Qwen3's own weights.
 
 The prompt repeats itself: a block of ``--block`` distinct random tokens, ``--block-repeats`` times (1024
@@ -56,6 +57,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import os
@@ -365,13 +367,35 @@ def main() -> None:
     ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up round")
     ap.add_argument("--ks", default="1,3,5,10", help="verification sizes k")
     ap.add_argument("--verify-warmup", type=int, default=2)
-    ap.add_argument("--verify-reps", type=int, default=7)
+    ap.add_argument("--verify-reps", type=int, default=5)
     ap.add_argument("--tie-tol", type=float, default=0.125, help="logit gap bf16 rounding may flip")
     ap.add_argument("--budget-s", type=float, default=110.0, help="start no case that would end after this")
     ap.add_argument("--device", default=None, help="cuda (default), or cpu with --smoke")
+    ap.add_argument(
+        "--sdpa",
+        choices=("no-cudnn", "default"),
+        default="no-cudnn",
+        help="SDPA backends: flash, memory-efficient, math (default here), or torch's own choice",
+    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny 2-layer model, short prompt")
     args = ap.parse_args()
+    with sdpa_backends(args.sdpa):
+        run(args)
 
+
+def sdpa_backends(choice: str):
+    """Flash where it applies (no mask: prompt, single-token steps), memory-efficient where a mask is needed
+    (a verification forward of k > 1 tokens on a cache), math last; torch's default on H200 made Qwen3's
+    eager decode 55 ms/token against 19 with flash (results/hybrid_gpu_NVIDIA_H200.json), and forcing flash
+    alone, as bench_decode_gpu.py does, refuses the masked verification forward."""
+    if choice == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def run(args) -> None:
     if args.smoke:
         args.device = args.device or "cpu"
         args.new_tokens = min(args.new_tokens, 24)
@@ -529,7 +553,7 @@ def main() -> None:
                 # round 1 also keeps greedy's scores and checks each returned cache against a fresh prefill
                 extras = rnd == 1
                 try:
-                    run = generate_once(model, prompt, target, m, new, clock, extras)
+                    one = generate_once(model, prompt, target, m, new, clock, extras)
                 except Exception as err:  # noqa: BLE001 (recorded; the other modes go on)
                     errors[key] = {
                         "error": f"{type(err).__name__}: {err}"[:3000],
@@ -538,19 +562,19 @@ def main() -> None:
                     progress(f"{label} {name} {m['name']}: {errors[key]['error'][:300]}")
                     finish_case()
                     continue
-                forwards = len(run["fed"])
+                forwards = len(one["fed"])
                 if warm:
-                    progress(f"{label} {name:<6} {m['name']:<15} {run['ms']:8.1f} ms ({forwards} forwards)")
+                    progress(f"{label} {name:<6} {m['name']:<15} {one['ms']:8.1f} ms ({forwards} forwards)")
                     continue
-                if "logits" in run:
-                    reference[name] = (run["tokens"], run.pop("logits"))
+                if "logits" in one:
+                    reference[name] = (one["tokens"], one.pop("logits"))
                 if m["name"] == "greedy":
-                    step_s[name] = run["ms"] / 1e3 / max(forwards, 1)
-                runs[key].append(run)
-                check = run.get("cache_check", {})
+                    step_s[name] = one["ms"] / 1e3 / max(forwards, 1)
+                runs[key].append(one)
+                check = one.get("cache_check", {})
                 progress(
-                    f"{label} {name:<6} {m['name']:<15} {run['ms']:8.1f} ms  "
-                    f"{1e3 * run['n_tokens'] / run['ms']:7.1f} tok/s  {forwards} forwards"
+                    f"{label} {name:<6} {m['name']:<15} {one['ms']:8.1f} ms  "
+                    f"{1e3 * one['n_tokens'] / one['ms']:7.1f} tok/s  {forwards} forwards"
                     + (f"  cache vs prefill: rel {check['rel_diff']:.4f}" if "rel_diff" in check else "")
                 )
                 record["generate"] = rows_of(runs, errors, reference, models, modes, target, prompt_len, args)
@@ -660,7 +684,7 @@ def print_table(record: dict) -> None:
     print(
         f"prompt {record['prompt_tokens']} tokens (a {record['args']['block']}-token block x "
         f"{record['args']['block_repeats']}), {record['args']['new_tokens']} new tokens, bf16, B=1, eager, "
-        f"DynamicCache; median of {record['args']['repeats']} rounds"
+        f"DynamicCache, SDPA {record['args']['sdpa']}; median of {record['args']['repeats']} rounds"
     )
     print("cache: the returned cache's last-token scores vs a fresh prefill's, relative difference")
     print()
