@@ -10,13 +10,19 @@ OUT holds one run and is what a rerun of the same command resumes from:
   rerun with other flags is refused, so a resumed run is the run that was started;
 - ``student-init/``: the hybrid before distillation (converted here, after attention transfer if asked),
   so a resumed run neither re-measures nor re-transfers;
+- ``stages.json`` (when TEACHER is converted here): the held-out score (the windows and metrics of the
+  distillation evals: student and teacher perplexity, their ratio, KL) right after conversion
+  (``untrained``) and after attention transfer (``transferred``, None without ``--transfer-steps``),
+  measured once, by the first process;
 - ``train_ids.pt``: the training tokens (teacher samples and/or Debian prose and/or files), made once;
   ``--data`` of another run's ``train_ids.pt`` (any ``.pt`` file of a 1-D integer tensor) uses those ids as
   they are, checked against TEACHER's vocabulary before any weights load, so runs can share one sampling;
 - ``checkpoints/checkpoint-<step>/``: Trainer's checkpoints; a run stopped by Ctrl-C or a killed process
   resumes from the last complete one and loses only the steps after it;
 - at the end ``model/`` (the distilled hybrid and the tokenizer, loadable with ``from_pretrained`` after
-  ``import swaa``) and ``report.json`` (losses, held-out perplexity over the run, tokens, wall time).
+  ``import swaa``) and ``report.json`` (losses, held-out perplexity over the run, tokens, wall time;
+  ``stages``: ``{"untrained", "transferred", "distilled"}``, the first two from ``stages.json`` (None for
+  a ``--student``), ``distilled`` the final eval; ``train_tokens_available``: the length of train_ids.pt).
   A run that ``--max-minutes`` stopped ends the same way (``report["stopped_early"]``, with the steps and
   tokens it did) and is as finished as any: a rerun is refused. ``--max-minutes`` is the one option left
   out of run.json's comparison, so a killed run may resume with another budget.
@@ -56,6 +62,8 @@ __all__ = [
 DATA_SOURCES = ("teacher", "debian")
 DEFAULT_DATA = ["teacher", "debian"]
 IDS_SUFFIX = ".pt"
+# the held-out scores right after conversion and after attention transfer, kept in OUT for a resumed run
+STAGES_FILE = "stages.json"
 TEACHER_SAMPLES = 4
 TEACHER_TOKENS = 256
 DEFAULT_SEED = 0
@@ -270,8 +278,44 @@ def _training_ids(args, teacher, tokenizer):
     return torch.cat(parts)
 
 
-def _prepare(args, out: Path, teacher, tokenizer, main: bool):
-    """student-init/ and train_ids.pt, made by the main process (``main``), then loaded by every one."""
+def _stage_metrics(student, teacher, held_out, options) -> dict:
+    """The held-out score of a stage before distillation, as ``swaa.distill`` scores its evals: the same
+    windows, batch per process and function, the student under bf16 autocast with ``--bf16`` as Trainer's
+    accelerate wraps it (the teacher is not)."""
+    import torch
+
+    from swaa.convert.distill_options import check_global_batch
+    from swaa.convert.distillation import heldout_metrics
+
+    batch = check_global_batch(options["batch_size"], options["gradient_accumulation_steps"], _world_size())
+    modes = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    if options["bf16"]:
+        device = next(student.parameters()).device
+        student.forward = torch.autocast(device.type, dtype=torch.bfloat16)(student.forward)
+    try:
+        return heldout_metrics(student, teacher, held_out, batch)
+    finally:
+        if options["bf16"]:
+            del student.forward  # the class's forward again
+        student.train(modes[0])
+        teacher.train(modes[1])
+
+
+def _print_stage(name, m) -> None:
+    print(
+        f"held-out, {name}: perplexity {m['ppl']:.4g} (teacher {m['teacher_ppl']:.4g}, {m['ppl_ratio']:.3f}x), "
+        f"KL {m['kl']:.3g}"
+    )
+
+
+def _prepare(args, out: Path, teacher, tokenizer, main: bool, held_out, options):
+    """student-init/ and train_ids.pt, made by the main process (``main``), then loaded by every one.
+
+    When TEACHER is converted here, the held-out windows ``held_out`` are also scored right after
+    conversion and after attention transfer (``--transfer-steps``), into ``stages.json`` (written before
+    ``student-init/``, so a resumed run keeps them)."""
     import copy
 
     import torch
@@ -304,6 +348,8 @@ def _prepare(args, out: Path, teacher, tokenizer, main: bool):
             )
             if selection["method"] == "auto":
                 print(f"auto layers ({selection['signal']}): {selection['layers']}")
+            stages = {"untrained": _stage_metrics(student, teacher, held_out, options), "transferred": None}
+            _print_stage("untrained", stages["untrained"])
             if args.transfer_steps:
                 from swaa.convert import attention_transfer
                 from swaa.convert.windows import split_windows
@@ -316,6 +362,9 @@ def _prepare(args, out: Path, teacher, tokenizer, main: bool):
                     print(
                         f"attention transfer, layer {i}: relative error {e['before']:.3g} -> {e['after']:.3g}"
                     )
+                stages["transferred"] = _stage_metrics(student, teacher, held_out, options)
+                _print_stage("after attention transfer", stages["transferred"])
+            _save_atomic(lambda p: p.write_text(json.dumps(stages, indent=1)), out / STAGES_FILE)
         _save_atomic(lambda p: student.save_pretrained(p), init)
         del student
     if main and not ids_path.exists():
@@ -387,8 +436,9 @@ def _cmd_distill(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "run.json").is_file():
             _save_atomic(lambda p: p.write_text(json.dumps({"flags": record}, indent=1)), out / "run.json")
+    held_out = split_windows(eval_ids, options["window"], options["eval_windows"])  # as distill() scores
     with world.main_process_first(local=False, desc="swaa distill: student and data"):
-        init, ids_path, auto_model = _prepare(args, out, teacher, tokenizer, main)
+        init, ids_path, auto_model = _prepare(args, out, teacher, tokenizer, main, held_out, options)
     student = auto_model.from_pretrained(init, dtype=teacher.dtype)
     train_ids = torch.load(ids_path)
     report = swaa.distill(
@@ -404,7 +454,17 @@ def _cmd_distill(args) -> int:
         print(f"resumed from {report['resumed_from']}")
     if main:
         _save_atomic(lambda p: (student.save_pretrained(p), tokenizer.save_pretrained(p)), out / "model")
+        # the held-out score after each stage: before distillation from stages.json (none for a --student,
+        # or for a run prepared before stages were recorded), distilled = the final eval
+        stages_path = out / STAGES_FILE
+        stages = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
         report.update(
+            stages={
+                "untrained": stages.get("untrained"),
+                "transferred": stages.get("transferred"),
+                "distilled": report["eval"][-1] if report["eval"] else None,
+            },
+            train_tokens_available=train_ids.numel(),
             wall_s=round(time.time() - started, 1),
             processes=_world_size(),
             device=str(next(student.parameters()).device),

@@ -182,6 +182,66 @@ def test_bad_token_id_files_are_refused_before_any_weights_load(
     assert not out.exists()
 
 
+def test_the_report_scores_each_stage_and_a_resumed_run_keeps_them(
+    tmp_path, teacher_dir, capsys, monkeypatch
+):
+    import torch
+
+    from swaa.convert import distillation
+
+    reads = itertools.count()
+
+    def clock():
+        # read at training's start, then at each step's end: Ctrl-C as step 2 ends (step 1 is saved)
+        if next(reads) == 2:
+            raise KeyboardInterrupt
+        return 0.0
+
+    monkeypatch.setattr(distillation, "_clock", clock)
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--steps", "4", "--save-every", "1", "--transfer-steps", "3")
+    assert main([*args, "--max-minutes", "100"]) == 130
+    printed = capsys.readouterr().out
+    assert "held-out, untrained: perplexity" in printed and "held-out, after attention transfer" in printed
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"untrained", "transferred"}
+    assert set(stages["untrained"]) == {"ppl", "teacher_ppl", "ppl_ratio", "kl"}
+    # two measurements: attention transfer changed the converted layers (3 steps need not lower the KL)
+    assert stages["transferred"]["kl"] != stages["untrained"]["kl"]
+    assert stages["transferred"]["teacher_ppl"] == stages["untrained"]["teacher_ppl"]
+
+    # resumed: the stages are read, not measured again (the conversion is not redone)
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "held-out, untrained" not in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["untrained"] == stages["untrained"]
+    assert report["stages"]["transferred"] == stages["transferred"]
+    assert report["stages"]["distilled"] == report["eval"][-1] and report["eval"][-1]["step"] == 4
+    # the same windows and metric as distillation's evals: its step-0 score is the transferred one
+    step0 = report["eval"][0]
+    assert step0["step"] == 0
+    for k in ("ppl", "teacher_ppl", "ppl_ratio", "kl"):
+        assert step0[k] == pytest.approx(stages["transferred"][k], rel=1e-5), k
+    assert report["train_tokens_available"] == torch.load(out / "train_ids.pt").numel()
+    assert report["stopped_early"] is False
+
+
+def test_with_bf16_the_untrained_score_is_distillations_step_0_score(tmp_path, teacher_dir, capsys):
+    # Trainer runs the student under bf16 autocast (accelerate wraps its forward); the stage score does too.
+    # --kind linear: the naive GLA kernel fails under CPU bf16 autocast (gla.py's in-place baddbmm_ mixes
+    # dtypes), in swaa.distill(bf16=True) as well
+    out = tmp_path / "run"
+    args = distill_args(teacher_dir, out, "--steps", "1", "--save-every", "100", "--bf16", "--kind", "linear")
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["transferred"] is None  # no --transfer-steps
+    untrained, step0 = report["stages"]["untrained"], report["eval"][0]
+    assert step0["step"] == 0
+    for k in ("ppl", "teacher_ppl", "ppl_ratio", "kl"):
+        assert step0[k] == pytest.approx(untrained[k], rel=1e-5), k
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
