@@ -27,6 +27,11 @@ for step in "$@"; do
     # prompt lookup vs greedy and one verification step's cost (issue 13), hybrid and Qwen3; it starts no case
     # that would end within 30 s of the step's limit. SPEC_ARGS: e.g. SPEC_ARGS="--repeats 1 --no-self-draft"
     speculative) cmd=(python3 benchmarks/bench_speculative_gpu.py --out "$OUT/speculative_gpu_$dev.json" --budget-s $((limit > 60 ? limit - 30 : limit / 2)) ${SPEC_ARGS:-}) ;;
+    # where the compiled static-cache decode step's time goes (issue 10): the raw CUDA-graph step's ms, kernels and
+    # GPU busy time against generate()'s ms/step, hybrid and Qwen3, B=1 1k and 32k (two ~40 s compiles per case,
+    # ~6-7 min for the four); it starts no case that would end within 60 s of the step's limit, and writes its JSON
+    # after every case. PROFILE_ARGS: e.g. PROFILE_ARGS="--models hybrid --contexts 32768"
+    profile) cmd=(python3 benchmarks/profile_compiled_step_gpu.py --out "$OUT/profile_compiled_step_gpu_$dev.json" --budget-s $((limit > 120 ? limit - 60 : limit / 2)) ${PROFILE_ARGS:-}) ;;
     # every gpu-marked test under tests/ (a new GPU test file runs without being named here), one line
     # per test (a step cut off still shows what passed), JUnit XML kept
     # tests/conftest.py: SWAA_GPU_TEST_FIRST_CONFIG=1 stops autotuning at the first working config
@@ -34,9 +39,10 @@ for step in "$@"; do
     tests) cmd=(env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 python3 -X faulthandler -m pytest -v -m gpu --durations=15 --junitxml="$OUT/tests_gpu_$dev.xml" tests/) ;;
     *) echo "unknown step $name"; continue ;;
   esac
-  # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time
+  # SWAA_STACKS=N: dump every thread's stack each N seconds, to see where a slow step spends its time (the
+  # script's folder goes first on sys.path, as python puts it there for a script: `import common` works)
   if [ -n "${SWAA_STACKS:-}" ] && [ "${cmd[0]}" = python3 ]; then
-    cmd=(python3 -X faulthandler -c "import faulthandler, runpy, sys; faulthandler.dump_traceback_later($SWAA_STACKS, repeat=True); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "${cmd[@]:1}")
+    cmd=(python3 -X faulthandler -c "import faulthandler, runpy, sys; faulthandler.dump_traceback_later($SWAA_STACKS, repeat=True); sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rpartition('/')[0] or '.'); runpy.run_path(sys.argv[0], run_name='__main__')" "${cmd[@]:1}")
   fi
   timeout "$limit" "${cmd[@]}" > "$OUT/$name.log" 2>&1; echo "rc=$?" >> "$OUT/$name.log"
   tail -n 40 "$OUT/$name.log"
