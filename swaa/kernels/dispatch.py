@@ -12,6 +12,10 @@ Paths, in the order they are tried:
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from swaa.kernels import fla_adapter
 from swaa.kernels.checks import Problem
 from swaa.kernels.gla import chunk_gla_torch, gla_step_torch
@@ -56,16 +60,26 @@ def _decode(p, q, k, v, g, state):
     return _step_torch(p, q, k, v, g, state, p.output_final_state)
 
 
+def _own_precision(x):
+    # the torch forms compute in their declared precision (float32 states, the inputs' dtype out), as FLA's
+    # kernels do under autocast; autocast would cast their matmuls to half and mix dtypes in place
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _step_torch(p, q, k, v, g, state, output_final_state):
-    if p.gated:
-        return gla_step_torch(q, k, v, g, p.scale, state, output_final_state)
-    return linear_attn_step_torch(q, k, v, p.scale, state, output_final_state, p.normalize)
+    with _own_precision(q):
+        if p.gated:
+            return gla_step_torch(q, k, v, g, p.scale, state, output_final_state)
+        return linear_attn_step_torch(q, k, v, p.scale, state, output_final_state, p.normalize)
 
 
 def _chunk_torch(p, q, k, v, g, state):
-    if p.gated:
-        return chunk_gla_torch(q, k, v, g, p.scale, state, p.output_final_state)
-    return chunk_linear_attn_torch(q, k, v, p.scale, state, p.output_final_state, p.normalize)
+    with _own_precision(q):
+        if p.gated:
+            return chunk_gla_torch(q, k, v, g, p.scale, state, p.output_final_state)
+        return chunk_linear_attn_torch(q, k, v, p.scale, state, p.output_final_state, p.normalize)
 
 
 def _torch(p, q, k, v, g, state, cu_seqlens):

@@ -552,3 +552,37 @@ def test_fla_rms_norm_gated_is_none_when_fla_is_missing_or_broken(fresh_norm_acc
 
     _fake_fla(monkeypatch, Broken("fla.modules.norm.fused_norm_gate"))
     assert fresh_norm_accessor() is None
+
+
+@pytest.mark.parametrize("T", [1, 70], ids=["T1", "T70"])
+@pytest.mark.parametrize("op", ["gla", "linear", "normalized"])
+def test_torch_forms_under_bf16_autocast_compute_as_without_it(op, T):
+    # training with `bf16=True` (Trainer's autocast) on CPU runs these forms: autocast must not cast their
+    # float32 state arithmetic to bf16 (it once mixed dtypes in an in-place baddbmm_ and raised)
+    # gentle gates: the chunked form takes its fast CPU branch (the one that raised)
+    q, k, v, g, h0, z0 = make(
+        2, T, 2, 8, 8, dtype=torch.bfloat16, gate_scale=0.05, positive=op == "normalized"
+    )
+    q, k, v, g = (x.requires_grad_() for x in (q, k, v, g))
+    h0 = h0.float()
+    state = (h0, z0.float()) if op == "normalized" else h0
+
+    def call():
+        if op == "gla":
+            return gla(q, k, v, g, initial_state=state, output_final_state=True)
+        return linear_attn(
+            q, k, v, initial_state=state, output_final_state=True, normalize=op == "normalized"
+        )
+
+    want_o, want_s = call()
+    want_grad = torch.autograd.grad(want_o.float().square().sum(), q)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, s = call()
+        grad = torch.autograd.grad(o.float().square().sum(), q)[0]
+    # within bf16's resolution: the calls around the forms (the gate, the scale) still run under autocast
+    assert o.dtype == torch.bfloat16 and rel(o.double(), want_o.double()) < 1e-2
+    for got, want in zip(
+        s if isinstance(s, tuple) else (s,), want_s if isinstance(want_s, tuple) else (want_s,)
+    ):
+        assert got.dtype == torch.float32 and rel(got.double(), want.double()) < 1e-2
+    assert rel(grad.double(), want_grad.double()) < 2e-2
