@@ -1,10 +1,11 @@
 """Speculative decoding on the GPU (issue 13): prompt lookup on a Qwen3-1.7B-shaped model and its every:4
 GLA hybrid, against plain greedy, and the cost of one verification step.
 
-Random weights (speed does not depend on them), bf16, B=1, DynamicCache, eager ``generate()``; SDPA may
-use flash, memory-efficient or math (``--sdpa``): flash runs the prompt and the single-token steps, and a
-verification forward of k > 1 tokens on a cache, which carries a mask that flash refuses, runs on
-memory-efficient. Both models are in one process, the hybrid being ``swaa.convert_to_hybrid(copy of the
+Random weights (speed does not depend on them), bf16, B=1, DynamicCache, eager ``generate()``, SDPA left to
+pick its backend: on the H200 (torch 2.11, priority flash, memory-efficient, math, cuDNN) flash runs the
+prompt and the single-token steps, and a verification forward of k > 1 tokens on a cache, which carries a
+mask that flash refuses and whose GQA / unaligned mask memory-efficient refuses, runs on math (forcing
+flash, as bench_decode_gpu.py does for decode, would fail it). Both models are in one process, the hybrid being ``swaa.convert_to_hybrid(copy of the
 Qwen3, "every:4", kind="gla")``: 21 of 28 layers GLA, the rest Qwen3's own weights.
 
 The prompt repeats itself: a block of ``--block`` distinct random tokens, ``--block-repeats`` times (1024
@@ -20,8 +21,10 @@ tokens by default), so prompt lookup finds a continuation for the last two token
                     in full; only their scores are replaced). ``--no-self-draft`` leaves it out
 
 Per mode: tokens/s (M over generate's whole time, prompt forward included; CUDA events around the call,
-median of ``--repeats`` interleaved rounds after a short warm-up round of every mode), main-model forwards
-(a forward pre-hook; the first forward of prompt lookup is the prompt plus the first draft), tokens per
+median of ``--repeats`` interleaved rounds after a short warm-up round of every mode), the median step (a
+forward pre-hook marks each forward's start: the intervals after the prompt's forward, generate's host work
+included; on a lent H200 B=1 eager steps vary 25-65 ms between runs and machines, so ``tok/s@step``, tokens
+per forward at the median step, is the steadier comparison), main-model forwards, tokens per
 forward (accepted drafts + 1), drafted tokens and the share accepted (a last draft running past the M-th
 token counts as drafted), and two checks:
 
@@ -42,9 +45,10 @@ The script exits 1 when a check fails (JSON and table written first).
 Verification cost (``--ks`` 1,3,5,10), per model, on a cache holding the prompt: one forward of k tokens
 with the cache recording the past (what speculative generate turns on), then ``crop`` keeping 1 of them
 (all drafts rejected: the hybrid rolls its GLA states back by recomputing them over the kept token) or all
-(crop of 0), against k single-token steps on a cache that does not record (plain greedy). CUDA events,
-synchronised before each repetition, median of ``--verify-reps`` after ``--verify-warmup``; each loop
-starts from a fresh prefill and its cache grows by the tokens kept.
+(crop of 0), against k single-token steps: k times the median of ``--steps`` steps of plain greedy (a cache
+that does not record). CUDA events, synchronised before each step or repetition (generate syncs at every
+step too), medians of ``--verify-reps`` after ``--verify-warmup``; each loop starts from a fresh prefill
+and its cache grows by the tokens kept.
 
 A case that would end past ``--budget-s`` is skipped with the reason (the verification cases run first,
 then the warm-up round, then the timed rounds); JSON is rewritten after every case.
@@ -57,7 +61,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import inspect
 import os
@@ -143,15 +146,19 @@ class Clock:
 
 
 class ForwardCounter:
-    """Counts a model's forwards and the tokens fed to each (a verification step is one forward)."""
+    """Counts a model's forwards and the tokens fed to each (a verification step is one forward), and marks
+    the clock as each starts: the intervals between marks are generate's steps, its host work included."""
 
-    def __init__(self, model):
+    def __init__(self, model, clock: Clock):
         self.fed: list[int] = []
+        self.marks: list = []
+        self.clock = clock
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self.fed.append(int(ids.shape[1]) if isinstance(ids, torch.Tensor) else 0)
+        self.marks.append(self.clock.mark())
 
 
 def median(xs):
@@ -185,36 +192,47 @@ def crop_tokens(cache, n: int) -> None:
 # ---------------------------------------------------------------- cases
 
 
+def prefilled(model, prompt, record: bool):
+    """A cache holding the prompt (recording the past when `record`: what speculative generate turns on)."""
+    cache = new_cache(model)
+    if record:
+        cache.activate_past_recording()
+    model(prompt, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    return cache
+
+
 @torch.no_grad()
-def verification_case(model, prompt, tokens, k: int, args, clock: Clock) -> dict:
-    """One verification forward of k tokens + crop, against k single-token steps (see the docstring)."""
+def single_step_case(model, prompt, tokens, args, clock: Clock) -> dict:
+    """Plain greedy's step: one token into a cache that does not record, synchronised before each (as
+    generate is, every step); median of ``--steps`` after ``--verify-warmup``."""
     arg = cache_argument(model)
-
-    def prefilled(record: bool):
-        cache = new_cache(model)
-        if record:
-            cache.activate_past_recording()
-        model(prompt, use_cache=True, logits_to_keep=1, **{arg: cache})
-        return cache
-
-    row = {"k": k, "cache_tokens": prompt.shape[1]}
-    reps = args.verify_warmup + args.verify_reps
-    # plain greedy: k one-token steps, nothing recorded
-    cache, steps = prefilled(False), []
-    for r in range(reps):
+    cache, ms = prefilled(model, prompt, False), []
+    for r in range(args.verify_warmup + args.steps):
         clock.sync()
         a = clock.mark()
-        for j in range(k):
-            model(tokens[:, j : j + 1], use_cache=True, **{arg: cache})
+        model(tokens[:, r : r + 1], use_cache=True, **{arg: cache})
         b = clock.mark()
         if r >= args.verify_warmup:
-            steps.append(clock.ms(a, b))
-    row["k_steps_ms"] = median(steps)
-    row["k_steps_ms_all"] = steps
-    del cache
+            ms.append(clock.ms(a, b))
+    q = sorted(ms)
+    return {
+        "step_ms": median(ms),
+        "step_ms_p10": q[len(q) // 10],
+        "step_ms_p90": q[(9 * len(q)) // 10],
+        "all": ms,
+    }
+
+
+@torch.no_grad()
+def verification_case(model, prompt, tokens, k: int, args, clock: Clock, step_ms: float) -> dict:
+    """One verification forward of k tokens + crop, against k single-token steps (see the docstring)."""
+    arg = cache_argument(model)
+    reps = args.verify_warmup + args.verify_reps
+    # k steps of plain greedy: k times the median step (timed back to back they carry the same bursts)
+    row = {"k": k, "cache_tokens": prompt.shape[1], "k_steps_ms": k * step_ms}
     # speculative: one forward of k tokens while recording, then the crop generate would make
     for name, keep in (("reject", 1), ("accept", k)):
-        cache, fwd, crop = prefilled(True), [], []
+        cache, fwd, crop = prefilled(model, prompt, True), [], []
         for r in range(reps):
             clock.sync()
             a = clock.mark()
@@ -226,14 +244,15 @@ def verification_case(model, prompt, tokens, k: int, args, clock: Clock) -> dict
                 fwd.append(clock.ms(a, b))
                 crop.append(clock.ms(b, c))
         row[f"forward_ms_{name}_loop"] = median(fwd)
+        row[f"forward_ms_{name}_loop_all"] = fwd
         row[f"crop_{name}_ms"] = median(crop)
         row[f"crop_{name}_ms_all"] = crop
         row[f"cache_tokens_after_{name}_loop"] = int(cache.get_seq_length())
         del cache
-    row["forward_ms"] = row["forward_ms_reject_loop"]
+    row["forward_ms"] = median(row["forward_ms_reject_loop_all"] + row["forward_ms_accept_loop_all"])
     # a verification whose drafts are all rejected, and one whose drafts are all accepted
-    row["verify_reject_ms"] = row["forward_ms_reject_loop"] + row["crop_reject_ms"]
-    row["verify_accept_ms"] = row["forward_ms_accept_loop"] + row["crop_accept_ms"]
+    row["verify_reject_ms"] = row["forward_ms"] + row["crop_reject_ms"]
+    row["verify_accept_ms"] = row["forward_ms"] + row["crop_accept_ms"]
     row["ratio_reject"] = row["verify_reject_ms"] / row["k_steps_ms"]
     row["ratio_accept"] = row["verify_accept_ms"] / row["k_steps_ms"]
     return row
@@ -257,7 +276,7 @@ def generate_once(model, prompt, target, mode: dict, new_tokens: int, clock: Clo
         kwargs["prompt_lookup_num_tokens"] = mode["lookup"]
     if mode["forced"]:
         kwargs["logits_processor"] = LogitsProcessorList([follow_target(target)])
-    counter = ForwardCounter(model)
+    counter = ForwardCounter(model, clock)
     try:
         clock.sync()
         a = clock.mark()
@@ -266,7 +285,15 @@ def generate_once(model, prompt, target, mode: dict, new_tokens: int, clock: Clo
         ms = clock.ms(a, b)
     finally:
         counter.handle.remove()
-    run = {"ms": ms, "fed": counter.fed, "tokens": out.sequences[0, prompt.shape[1] :].cpu()}
+    marks = counter.marks + [b]
+    # forward i's start to forward i+1's (the last: to generate's end); the first holds the prompt
+    periods = [clock.ms(x, y) for x, y in zip(marks, marks[1:])]
+    run = {
+        "ms": ms,
+        "fed": counter.fed,
+        "periods": periods,
+        "tokens": out.sequences[0, prompt.shape[1] :].cpu(),
+    }
     run["n_tokens"] = len(run["tokens"])
     if extras:
         if kwargs["output_logits"]:
@@ -323,6 +350,9 @@ def summarise(runs: list[dict], prompt_len: int) -> dict:
     fed = runs[-1]["fed"]
     forwards = len(fed)
     n = runs[-1]["n_tokens"]
+    # steps after the prompt's forward, pooled over the runs: the median step is robust to a host's bursts
+    steps = [p for r in runs for p in r["periods"][1:]]
+    step_ms = median(steps)
     drafted = sum(fed) - prompt_len - (forwards - 1)  # every forward but the prompt's feeds 1 + its draft
     accepted = max(n - forwards, 0)  # each forward gives one token of its own beyond the accepted drafts
     return {
@@ -332,6 +362,10 @@ def summarise(runs: list[dict], prompt_len: int) -> dict:
         "new_tokens": n,
         "forwards": forwards,
         "tokens_per_forward": n / max(forwards, 1),
+        "step_ms_median": step_ms,
+        "first_forward_ms": median([r["periods"][0] for r in runs if r["periods"]]),
+        # tokens per forward at the median step's pace
+        "tokens_per_s_at_median_step": 1e3 * n / max(forwards, 1) / step_ms if step_ms else None,
         "drafted_tokens": drafted,
         "accepted_drafts": accepted,
         "acceptance": accepted / drafted if drafted else None,
@@ -363,36 +397,18 @@ def main() -> None:
     )
     ap.add_argument("--block", type=int, default=128, help="tokens of the random block the prompt repeats")
     ap.add_argument("--block-repeats", type=int, default=8, help="times the prompt repeats the block")
-    ap.add_argument("--repeats", type=int, default=2, help="timed rounds of every mode (median)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed rounds of every mode (median)")
     ap.add_argument("--warmup-tokens", type=int, default=16, help="new tokens of the warm-up round")
     ap.add_argument("--ks", default="1,3,5,10", help="verification sizes k")
-    ap.add_argument("--verify-warmup", type=int, default=2)
-    ap.add_argument("--verify-reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=24, help="timed single-token steps per model")
+    ap.add_argument("--verify-warmup", type=int, default=2, help="untimed repetitions before the timed ones")
+    ap.add_argument("--verify-reps", type=int, default=7, help="timed verification forwards per k and crop")
     ap.add_argument("--tie-tol", type=float, default=0.125, help="logit gap bf16 rounding may flip")
     ap.add_argument("--budget-s", type=float, default=110.0, help="start no case that would end after this")
     ap.add_argument("--device", default=None, help="cuda (default), or cpu with --smoke")
-    ap.add_argument(
-        "--sdpa",
-        choices=("no-cudnn", "default"),
-        default="no-cudnn",
-        help="SDPA backends: flash, memory-efficient, math (default here), or torch's own choice",
-    )
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny 2-layer model, short prompt")
     args = ap.parse_args()
-    with sdpa_backends(args.sdpa):
-        run(args)
-
-
-def sdpa_backends(choice: str):
-    """Flash where it applies (no mask: prompt, single-token steps), memory-efficient where a mask is needed
-    (a verification forward of k > 1 tokens on a cache), math last; torch's default on H200 made Qwen3's
-    eager decode 55 ms/token against 19 with flash (results/hybrid_gpu_NVIDIA_H200.json), and forcing flash
-    alone, as bench_decode_gpu.py does, refuses the masked verification forward."""
-    if choice == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    run(args)
 
 
 def run(args) -> None:
@@ -403,6 +419,7 @@ def run(args) -> None:
         args.block_repeats = min(args.block_repeats, 4)
         args.warmup_tokens = min(args.warmup_tokens, 4)
         args.verify_reps = min(args.verify_reps, 2)
+        args.steps = min(args.steps, 4)
         args.verify_warmup = min(args.verify_warmup, 1)
     args.device = args.device or "cuda"
     cuda = args.device == "cuda"
@@ -445,6 +462,10 @@ def run(args) -> None:
             "fla-core": pkg_version("fla-core"),
         },
         "args": vars(args),
+        # SDPBackend values in the order SDPA tries them (0 math, 1 flash, 2 memory-efficient, 3 cuDNN)
+        "sdpa_priority": list(torch._C._get_sdp_priority_order())
+        if cuda and hasattr(torch._C, "_get_sdp_priority_order")
+        else None,
         "shape": {**shape, "dtype": "bfloat16"},
         "hybrid": None,
         "prompt_tokens": prompt_len,
@@ -454,6 +475,7 @@ def run(args) -> None:
             "verification": "CUDA events around the forward and around the crop, synchronised before each "
             "repetition; median after warm-up",
         },
+        "single_step": [],
         "verification": [],
         "generate": [],
         "skipped": [],
@@ -498,17 +520,40 @@ def run(args) -> None:
             record["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
         write_json(record, out_path)
 
+    def error_row(err, **row) -> dict:
+        row.update(status="error", error=f"{type(err).__name__}: {err}"[:3000])
+        row["traceback"] = traceback.format_exc()[-6000:]
+        return row
+
     # (c) the verification step, first: cheap and what the rest is explained by
     tokens = target[:, prompt_len:]
     for name, model in models.items():
+        if not fits(f"single step {name}", guess_s(name, args.verify_warmup + args.steps + 3)):
+            continue
+        t0 = time.perf_counter()
+        try:
+            single = single_step_case(model, prompt, tokens, args, clock)
+            single.update(model=name, status="ok")
+            step_s[name] = single["step_ms"] / 1e3
+            progress(
+                f"step   {name:<6} {single['step_ms']:7.2f} ms (p10 {single['step_ms_p10']:.2f}, "
+                f"p90 {single['step_ms_p90']:.2f})"
+            )
+        except Exception as err:  # noqa: BLE001 (recorded; the other cases go on)
+            single = error_row(err, model=name)
+            progress(f"step   {name}: {single['error'][:300]}")
+        single["wall_s"] = time.perf_counter() - t0
+        record["single_step"].append(single)
+        finish_case()
+        if single["status"] != "ok":
+            continue
         for k in ks:
             reps = args.verify_warmup + args.verify_reps
-            if not fits(f"verification {name} k={k}", guess_s(name, reps * (k + 2) + 3)):
+            if not fits(f"verification {name} k={k}", guess_s(name, 2 * reps * 1.5 + 2)):
                 continue
             t0 = time.perf_counter()
             try:
-                row = verification_case(model, prompt, tokens, k, args, clock)
-                step_s[name] = row["k_steps_ms"] / k / 1e3
+                row = verification_case(model, prompt, tokens, k, args, clock, single["step_ms"])
                 row.update(model=name, status="ok")
                 progress(
                     f"verify {name:<6} k={k:<2} forward {row['forward_ms']:7.2f} ms  crop (reject) "
@@ -516,13 +561,7 @@ def run(args) -> None:
                     f"{k} steps {row['k_steps_ms']:7.2f} ms"
                 )
             except Exception as err:  # noqa: BLE001 (recorded; the other cases go on)
-                row = {
-                    "model": name,
-                    "k": k,
-                    "status": "error",
-                    "error": f"{type(err).__name__}: {err}"[:3000],
-                }
-                row["traceback"] = traceback.format_exc()[-6000:]
+                row = error_row(err, model=name, k=k)
                 progress(f"verify {name} k={k}: {row['error'][:300]}")
             row["wall_s"] = time.perf_counter() - t0
             record["verification"].append(row)
@@ -594,7 +633,7 @@ def run(args) -> None:
 def rows_of(runs, errors, reference, models, modes, target, prompt_len, args) -> list[dict]:
     rows = []
     for name in models:
-        base = None
+        base = None  # greedy's (tokens/s, tokens/s at the median step)
         for m in modes:
             key = (name, m["name"])
             row = {"model": name, "mode": m["name"], "lookup": m["lookup"], "self_draft": m["forced"]}
@@ -606,8 +645,13 @@ def rows_of(runs, errors, reference, models, modes, target, prompt_len, args) ->
                 continue
             row.update(status="ok", **summarise(runs[key], prompt_len))
             if m["name"] == "greedy":
-                base = row["tokens_per_s"]
-            row["speedup_vs_greedy"] = row["tokens_per_s"] / base if base else None
+                base = (row["tokens_per_s"], row["tokens_per_s_at_median_step"])
+            row["speedup_vs_greedy"] = row["tokens_per_s"] / base[0] if base else None
+            row["speedup_vs_greedy_at_median_step"] = (
+                row["tokens_per_s_at_median_step"] / base[1]
+                if base and base[1] and row["step_ms_median"]
+                else None
+            )
             toks = runs[key][-1]["tokens"]
             row["cache_check"] = next((r["cache_check"] for r in runs[key] if "cache_check" in r), None)
             row["same_tokens_every_run"] = all(torch.equal(r["tokens"], toks) for r in runs[key])
@@ -671,6 +715,7 @@ def checks(record: dict) -> dict:
         "errors": {f"{r['model']} {r['mode']}": r["cache_check"]["error"] for r in bad},
     }
     errors = [f"{r['model']} {r['mode']}" for r in record["generate"] if r["status"] == "error"]
+    errors += [f"single step {r['model']}" for r in record["single_step"] if r["status"] == "error"]
     errors += [
         f"verification {r['model']} k={r['k']}" for r in record["verification"] if r["status"] == "error"
     ]
@@ -684,13 +729,16 @@ def print_table(record: dict) -> None:
     print(
         f"prompt {record['prompt_tokens']} tokens (a {record['args']['block']}-token block x "
         f"{record['args']['block_repeats']}), {record['args']['new_tokens']} new tokens, bf16, B=1, eager, "
-        f"DynamicCache, SDPA {record['args']['sdpa']}; median of {record['args']['repeats']} rounds"
+        f"DynamicCache; median of {record['args']['repeats']} round(s)"
     )
     print("cache: the returned cache's last-token scores vs a fresh prefill's, relative difference")
     print()
     print(
-        f"{'model':<7} {'mode':<15} {'tokens/s':>9} {'speed-up':>9} {'forwards':>8} {'tok/fwd':>7} "
-        f"{'drafted':>7} {'accept':>6} {'cache':>7}  output"
+        "step ms: median of generate's steps after the prompt's forward; tok/s@step: tokens per forward at it"
+    )
+    print(
+        f"{'model':<7} {'mode':<15} {'tokens/s':>8} {'speed-up':>8} {'step ms':>7} {'tok/s@step':>10} "
+        f"{'speed-up':>8} {'forwards':>8} {'tok/fwd':>7} {'drafted':>7} {'accept':>6} {'cache':>6}  output"
     )
     for r in record["generate"]:
         head = f"{r['model']:<7} {r['mode']:<15}"
@@ -710,13 +758,27 @@ def print_table(record: dict) -> None:
             same = "not checked"
         acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
         sp = f"{r['speedup_vs_greedy']:.2f}x" if r["speedup_vs_greedy"] else "-"
+        sp_step = (
+            f"{r['speedup_vs_greedy_at_median_step']:.2f}x" if r["speedup_vs_greedy_at_median_step"] else "-"
+        )
+        step = f"{r['step_ms_median']:.1f}" if r["step_ms_median"] else "-"
+        rate = f"{r['tokens_per_s_at_median_step']:.1f}" if r["tokens_per_s_at_median_step"] else "-"
         cc = r.get("cache_check") or {}
-        cache = f"{cc['rel_diff']:.4f}" if "rel_diff" in cc else ("error" if "error" in cc else "-")
+        cache = f"{cc['rel_diff']:.3f}" if "rel_diff" in cc else ("error" if "error" in cc else "-")
         print(
-            f"{head} {r['tokens_per_s']:>9.1f} {sp:>9} {r['forwards']:>8} {r['tokens_per_forward']:>7.2f} "
-            f"{r['drafted_tokens']:>7} {acc:>6} {cache:>7}  {same}"
+            f"{head} {r['tokens_per_s']:>8.1f} {sp:>8} {step:>7} {rate:>10} {sp_step:>8} {r['forwards']:>8} "
+            f"{r['tokens_per_forward']:>7.2f} {r['drafted_tokens']:>7} {acc:>6} {cache:>6}  {same}"
         )
     print()
+    for r in record["single_step"]:
+        if r["status"] == "ok":
+            print(
+                f"single step, {r['model']}: {r['step_ms']:.2f} ms (p10 {r['step_ms_p10']:.2f}, p90 "
+                f"{r['step_ms_p90']:.2f}; cache of {record['prompt_tokens']}, not recording)"
+            )
+        else:
+            print(f"single step, {r['model']}: {r['status']}: {r.get('error', '')[:100]}")
+    print("k steps = k x that median; crop rej keeps 1 of the k tokens, crop acc all of them")
     print(
         f"{'model':<7} {'k':>3} {'forward ms':>10} {'crop rej':>9} {'crop acc':>9} {'k steps ms':>10} "
         f"{'rej/steps':>9} {'acc/steps':>9}"
@@ -729,13 +791,14 @@ def print_table(record: dict) -> None:
             f"{r['model']:<7} {r['k']:>3} {r['forward_ms']:>10.2f} {r['crop_reject_ms']:>9.2f} "
             f"{r['crop_accept_ms']:>9.2f} {r['k_steps_ms']:>10.2f} {r['ratio_reject']:>9.2f} {r['ratio_accept']:>9.2f}"
         )
-    for s in record["skipped"]:
-        print(f"skipped: {s}")
+    if record["skipped"]:
+        names = "; ".join(s.split(":")[0] for s in record["skipped"])
+        print(f"skipped for the time budget ({len(record['skipped'])}): {names[:400]}")
     print()
     for v in record["checks"].values():
         state = {True: "PASS", False: "FAIL", None: "n/a "}[v["pass"]]
-        extra = {k: x for k, x in v.items() if k not in ("target", "pass")}
-        print(f"{state} {v['target']}  {extra if extra else ''}")
+        extra = {k: x for k, x in v.items() if k not in ("target", "pass") and x}
+        print(f"{state} {v['target']}  {str(extra)[:300] if extra else ''}")
 
 
 if __name__ == "__main__":
