@@ -40,6 +40,7 @@ import re
 import time
 from pathlib import Path
 
+from swaa.app.defaults import TRANSFER_WINDOWS
 from swaa.convert.distill_options import (
     DEFAULTS,
     RESUMABLE_WITH_OTHER,
@@ -71,7 +72,7 @@ DEFAULT_SEED = 0
 # run.json keys that must match for a rerun to resume (the others, e.g. --no-progress or --max-minutes, may
 # change: a killed run may resume with another time budget)
 _RUN_FLAGS = (
-    "teacher", "student", "linear_layers", "kind", "option", "seed", "transfer_steps", "data",
+    "teacher", "student", "linear_layers", "kind", "option", "seed", "transfer_steps", "transfer_windows", "data",
     "teacher_samples", "teacher_tokens", "eval_text", "dtype",
     *(k for k in DEFAULTS if k not in RESUMABLE_WITH_OTHER),
 )  # fmt: skip
@@ -182,6 +183,8 @@ def _check_flags(args) -> dict:
     check_selection_flags(args.linear_layers, args.seed)
     if args.transfer_steps < 0:
         raise ValueError(f"--transfer-steps must be >= 0, got {args.transfer_steps}")
+    if args.transfer_windows < 1:
+        raise ValueError(f"--transfer-windows must be >= 1, got {args.transfer_windows}")
     for flag, value in (
         ("--teacher-samples", args.teacher_samples),
         ("--teacher-tokens", args.teacher_tokens),
@@ -355,9 +358,16 @@ def _prepare(args, out: Path, teacher, tokenizer, main: bool, held_out, options)
                 from swaa.convert.windows import split_windows
 
                 windows = split_windows(text_ids, args.window)
+                # a bounded sample: every converted layer's input and output is recorded for each window
                 report = attention_transfer(
-                    teacher, student, windows, steps=args.transfer_steps, progress=args.progress
+                    teacher,
+                    student,
+                    windows,
+                    max_windows=args.transfer_windows,
+                    steps=args.transfer_steps,
+                    progress=args.progress,
                 )
+                print(f"attention transfer: {report['steps']} steps per layer on {report['windows']} windows")
                 for i, e in report["layers"].items():
                     print(
                         f"attention transfer, layer {i}: relative error {e['before']:.3g} -> {e['after']:.3g}"
@@ -526,6 +536,14 @@ def add_distill_parser(sub) -> None:
         default=0,
         metavar="N",
         help="attention transfer steps per converted layer on the training text before distilling (default: 0)",
+    )
+    p.add_argument(
+        "--transfer-windows",
+        type=int,
+        default=TRANSFER_WINDOWS,
+        metavar="N",
+        help="training windows attention transfer learns from (the first N; each converted layer's input and "
+        f"output is kept for each) (default: {TRANSFER_WINDOWS})",
     )
     p.add_argument(
         "--data",

@@ -199,9 +199,22 @@ def test_the_report_scores_each_stage_and_a_resumed_run_keeps_them(
 
     monkeypatch.setattr(distillation, "_clock", clock)
     out = tmp_path / "run"
-    args = distill_args(teacher_dir, out, "--steps", "4", "--save-every", "1", "--transfer-steps", "3")
+    args = distill_args(
+        teacher_dir,
+        out,
+        "--steps",
+        "4",
+        "--save-every",
+        "1",
+        "--transfer-steps",
+        "3",
+        "--transfer-windows",
+        "2",
+    )
     assert main([*args, "--max-minutes", "100"]) == 130
     printed = capsys.readouterr().out
+    # attention transfer keeps every window's recordings: it learns from the first --transfer-windows only
+    assert "attention transfer: 3 steps per layer on 2 windows" in printed
     assert "held-out, untrained: perplexity" in printed and "held-out, after attention transfer" in printed
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages) == {"untrained", "transferred"}
@@ -267,6 +280,7 @@ def test_with_bf16_the_untrained_score_is_distillations_step_0_score(tmp_path, t
         ),
         (["--linear-layers", "1", "--teacher-samples", "0"], "--teacher-samples must be >= 1"),
         (["--linear-layers", "1", "--transfer-steps", "-1"], "--transfer-steps must be >= 0"),
+        (["--linear-layers", "1", "--transfer-windows", "0"], "--transfer-windows must be >= 1"),
         (["--linear-layers", "1", "--eval-text", "no-such.txt"], "--eval-text: no such file"),
     ],
 )
