@@ -10,7 +10,8 @@ none can):
 
 Autotuning on GPU machines:
 SWAA_GPU_TEST_FIRST_CONFIG=1 (set by `benchmarks/gpu_session.sh tests:...`, never by CI): Triton's
-autotuner stops at the first config that compiles and runs, instead of compiling and timing every one.
+autotuner stops at the first config that compiles and runs, instead of compiling and timing every one
+(`swaa.kernels.autotune`).
 
 Why: FLA autotunes each kernel per shape; on a fresh GPU machine its GLA backward alone spends minutes
 compiling dozens of configs, and the GPU test file (five shapes, two dtypes, forward and backward) did
@@ -105,30 +106,8 @@ def hacked():
         unhack_kv_cache_recurrent_state()
 
 
-def _stop_autotuning_at_first_working_config():
-    try:
-        from triton.runtime.autotuner import Autotuner
-    except ImportError:
-        return
-    if getattr(Autotuner, "_swaa_first_config", False):
-        return
-    prune, bench = Autotuner.prune_configs, Autotuner._bench
-
-    def prune_configs(self, *args, **kwargs):
-        self._swaa_found = False  # a new autotune round: one key, one sweep over these configs
-        return prune(self, *args, **kwargs)
-
-    def _bench(self, *args, **kwargs):
-        if getattr(self, "_swaa_found", False):
-            return [float("inf")] * 3  # never compiled, never picked
-        timing = bench(self, *args, **kwargs)
-        self._swaa_found = all(t != float("inf") for t in timing)  # inf: the config did not fit
-        return timing
-
-    Autotuner.prune_configs, Autotuner._bench = prune_configs, _bench
-    Autotuner._swaa_first_config = True
-
-
 def pytest_configure(config):
     if os.environ.get("SWAA_GPU_TEST_FIRST_CONFIG") == "1":
-        _stop_autotuning_at_first_working_config()
+        from swaa.kernels.autotune import stop_autotuning_at_first_working_config
+
+        stop_autotuning_at_first_working_config()
