@@ -76,6 +76,28 @@ def _prep(args) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    source = resolve_source(args.teacher)
+    tok = load_tokenizer(source)
+    parts = {"debian licences": tokenize_text(tok, debian_prose())}
+    if args.pydocs:
+        parts["python 3.11 docs"] = tokenize_text(tok, Path(args.pydocs).read_text(encoding="utf-8"))
+    # auto:N's measurement, once per kind for every N (the ranking does not depend on N), on the prose
+    teacher = load_model(source).to("cuda" if torch.cuda.is_available() else "cpu")
+    prose = torch.cat(list(parts.values()))
+    selections = {}
+    for kind in args.kinds.split(","):
+        record = select_linear_layers(
+            teacher, 1, prose, kind, steps=args.select_steps, seed=0, progress=False
+        )
+        selections[kind] = {
+            k: record[k] for k in ("signal", "scores", "errors", "steps", "windows", "window")
+        }
+        ranking = _ranking(selections[kind]["scores"])
+        print(f"[{time.time() - started:5.0f}s] auto layers, {kind}: ranking {ranking}", flush=True)
+    (runs / "select.json").write_text(json.dumps(selections, indent=1))
+    del teacher
+    # then the teacher's samples, in shards that run side by side (each a launch-bound generate), with no
+    # selection competing for the GPU
     procs = [
         subprocess.Popen(
             [
@@ -96,25 +118,6 @@ def _prep(args) -> None:
         )
         for i in range(args.shards)
     ]
-    source = resolve_source(args.teacher)
-    tok = load_tokenizer(source)
-    parts = {"debian licences": tokenize_text(tok, debian_prose())}
-    if args.pydocs:
-        parts["python 3.11 docs"] = tokenize_text(tok, Path(args.pydocs).read_text(encoding="utf-8"))
-    # auto:N's measurement, once per kind for every N (the ranking does not depend on N), on the prose
-    teacher = load_model(source).to("cuda" if torch.cuda.is_available() else "cpu")
-    prose = torch.cat(list(parts.values()))
-    selections = {}
-    for kind in args.kinds.split(","):
-        record = select_linear_layers(
-            teacher, 1, prose, kind, steps=args.select_steps, seed=0, progress=False
-        )
-        selections[kind] = {
-            k: record[k] for k in ("signal", "scores", "errors", "steps", "windows", "window")
-        }
-        print(f"auto layers, {kind}: ranking {_ranking(selections[kind]['scores'])}", flush=True)
-    (runs / "select.json").write_text(json.dumps(selections, indent=1))
-    del teacher
     if any(p.wait() for p in procs):
         raise SystemExit("a sampling shard failed")
     teacher = torch.cat([torch.load(runs / f".teacher-{i}.pt") for i in range(args.shards)])
@@ -140,8 +143,10 @@ def _launch(args) -> None:
             layers = "all" if n >= len(ranking) else ",".join(map(str, sorted(ranking[:n])))
             cmd = [
                 sys.executable,
-                "-m",
-                "swaa",
+                __file__,
+                "_run",
+                *(["--first-config"] if args.first_config else []),
+                "--",
                 "distill",
                 args.teacher,
                 str(runs / name),
@@ -186,6 +191,13 @@ def _launch(args) -> None:
             log = open(runs / f"{name}.log", "ab")
             subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             print(f"{name}: started ({' '.join(cmd[3:])})")
+
+
+def _run(args) -> None:
+    """`swaa distill ARGS`, in this process (after --first-config's autotuning cut, when given)."""
+    from swaa.app.cli import main as swaa_main
+
+    raise SystemExit(swaa_main(args.argv))
 
 
 def _status(args) -> None:
@@ -311,6 +323,13 @@ def main(argv=None) -> None:
             s.add_argument("--shards", type=int, default=7)
             s.add_argument("--samples", type=int, default=32, help="samples per prompt")
             s.add_argument("--tokens", type=int, default=384, help="longest continuation")
+        if name in ("prep", "launch"):
+            s.add_argument(
+                "--first-config",
+                action="store_true",
+                help="Triton's autotuning stops at the first working config (swaa.kernels.autotune): minutes "
+                "less on a machine whose autotune cache is cold, at some kernel speed",
+            )
         if name == "prep":
             s.add_argument("--pydocs", help="the Python docs' sources as one UTF-8 file")
             s.add_argument("--kinds", default=",".join(KINDS))
@@ -337,11 +356,25 @@ def main(argv=None) -> None:
             s.add_argument("--out", required=True)
             s.add_argument("--device-name", default="device")
             s.add_argument("--answer-tokens", type=int, default=24)
+    r = sub.add_parser("_run")
+    r.add_argument("--first-config", action="store_true")
+    r.add_argument("argv", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    {"prep": _prep, "_shard": _sample_shard, "launch": _launch, "status": _status, "table": _table}[args.cmd](
-        args
-    )
+    if getattr(args, "first_config", False):
+        from swaa.kernels.autotune import stop_autotuning_at_first_working_config
+
+        stop_autotuning_at_first_working_config()
+    if args.cmd == "_run" and args.argv[:1] == ["--"]:
+        args.argv = args.argv[1:]
+    {
+        "prep": _prep,
+        "_shard": _sample_shard,
+        "launch": _launch,
+        "status": _status,
+        "table": _table,
+        "_run": _run,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":
