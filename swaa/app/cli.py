@@ -364,6 +364,7 @@ def _cmd_demo(args) -> int:
         transfer_steps=args.transfer_steps,
         transfer_windows=args.transfer_windows,
         transfer_lr=args.transfer_lr,
+        transfer_text=args.transfer_text,
     )
     return 0
 
@@ -496,6 +497,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", default=DEMO_PROMPT, help=f"chat prompt (default: {DEMO_PROMPT!r})")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument(
+        "--transfer-text",
+        metavar="SOURCE",
+        default=None,
+        help="what attention transfer learns from: 'debian' (the Debian licence texts: another source than "
+        "--text), 'after' (--text after its scored windows) or a UTF-8 file (default: debian where installed)",
+    )
     p.add_argument(
         "--text", metavar="FILE", help="text for perplexity (default: the shipped Jargon File excerpt)"
     )

@@ -12,7 +12,9 @@ for the original, the untrained hybrid and the transferred hybrid side by side:
 - cache bytes at 4096 tokens (B=1), measured from a real cache;
 - the greedy answer to ``DEMO_PROMPT`` through the chat template.
 
-Attention transfer learns from the text after the scored windows, never from the tokens it is scored on.
+Attention transfer learns from another source than the scored text (``transfer_text``): by default the
+licence texts Debian installs (:func:`swaa.convert.distill_data.debian_prose`), so the perplexity is that
+of text never trained on; where they are missing, the text after the scored windows (said when it runs).
 ``--model`` points the same demo at any local checkpoint, GGUF file or hub id.
 """
 
@@ -52,6 +54,23 @@ from swaa.validation import check_int
 __all__ = ["default_text_path", "run_demo"]
 
 
+def _transfer_ids(transfer_text, tokenizer, ids, scored):
+    """The token ids attention transfer learns from, and a phrase naming their source."""
+    from swaa.convert.distill_data import debian_prose
+
+    if transfer_text not in (None, "debian", "after"):
+        return tokenize_text(tokenizer, read_text_file(transfer_text, "transfer_text")), str(transfer_text)
+    if transfer_text != "after":
+        try:
+            return tokenize_text(
+                tokenizer, debian_prose()
+            ), "the Debian licence texts (/usr/share/common-licenses)"
+        except FileNotFoundError:
+            if transfer_text == "debian":
+                raise
+    return ids[scored:], "the scored text after its scored windows (no Debian licence texts here)"
+
+
 def default_text_path() -> Path:
     """The text shipped with swaa for perplexity (public domain; see ``swaa/data/README.md``)."""
     return Path(__file__).resolve().parent.parent / "data" / "jargon_file_excerpt.txt"
@@ -74,6 +93,7 @@ def run_demo(
     transfer_steps: int = TRANSFER_STEPS,
     transfer_windows: int = TRANSFER_WINDOWS,
     transfer_lr: float = TRANSFER_LR,
+    transfer_text: str | None = None,
     seed: int = 0,
     echo=print,
 ) -> dict:
@@ -92,6 +112,10 @@ def run_demo(
         transfer_windows (int): windows of ``window`` tokens it learns from, taken from the text after the
             scored windows (never the tokens perplexity is measured on). Default: ``swaa.app.defaults.TRANSFER_WINDOWS``.
         transfer_lr (float): its learning rate. Default: ``swaa.app.defaults.TRANSFER_LR``.
+        transfer_text (str | None): what attention transfer learns from: ``"debian"`` (the Debian licence
+            texts, another source than the scored text), ``"after"`` (the scored text after the scored
+            windows, as earlier versions did) or a UTF-8 file. Default: None (``"debian"`` where those texts
+            are installed, else ``"after"``).
         seed (int): seeds torch before the conversion (the new parameters' initialisation), so a run
             repeats exactly on one machine. Default: 0.
         echo (callable): where lines go. Default: ``print``.
@@ -110,14 +134,16 @@ def run_demo(
     plan_conversion(load_config(source), linear_layers, kind, options)
     tokenizer = load_tokenizer(source)
     ids = tokenize_text(tokenizer, text)
-    # attention transfer learns from the text after the scored windows (checked before the weights load)
+    # what attention transfer learns from, checked before the weights load
     scored = window * max_windows
-    learn_ids = ids[scored:]
-    if transfer_steps and learn_ids.numel() < window:
-        raise ValueError(
-            f"text: attention transfer needs at least {window} tokens after the {scored} scored ones, "
-            f"got {learn_ids.numel()}; use a longer text, fewer --windows, or --transfer-steps 0"
-        )
+    learn_ids, learn_source = None, None
+    if transfer_steps:
+        learn_ids, learn_source = _transfer_ids(transfer_text, tokenizer, ids, scored)
+        if learn_ids.numel() < window:
+            raise ValueError(
+                f"transfer text ({learn_source}): attention transfer needs at least {window} tokens, got "
+                f"{learn_ids.numel()}; use a longer text, fewer --windows, or --transfer-steps 0"
+            )
     echo(f"swaa demo: loading {source}")
     start = time.perf_counter()
     net = load_model(source)
@@ -178,7 +204,7 @@ def run_demo(
         tr = rows["transfer"]
         echo(
             f"attention transfer: {tr['steps']} steps per layer on {tr['windows']} window(s) of {window} tokens "
-            f"taken after the scored ones, {tr['seconds']:.0f} s; relative error of each layer's output "
+            f"of {learn_source}, {tr['seconds']:.0f} s; relative error of each layer's output "
             "before -> after: "
             + ", ".join(
                 f"{i}: {e['before']:.3g} -> {e['after']:.3g}"

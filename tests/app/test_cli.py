@@ -274,27 +274,57 @@ def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
     assert 0.45 < hybrid / original < 0.6
 
 
-def test_demo_with_attention_transfer_learns_after_the_scored_windows(checkpoint, tmp_path, capsys):
+def test_demo_with_attention_transfer_learns_from_another_source_than_it_scores(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    import swaa.convert.distill_data
+
     text = tmp_path / "text.txt"
     text.write_text(default_text_path().read_text(encoding="utf-8")[:4000], encoding="utf-8")
+    small = ("--window", "32", "--windows", "3", "--max-new-tokens", "3", "--text", text)
     code, out, err = run(
-        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", "--window", "32", "--windows", "3",
-        "--max-new-tokens", "3", "--text", text, "--transfer-steps", "15", "--transfer-windows", "5",
+        capsys, "demo", "--model", checkpoint, "--linear-layers", "last:2", *small,
+        "--transfer-steps", "15", "--transfer-windows", "5",
     )  # fmt: skip
     assert code == 0, err
-    assert "attention transfer: 15 steps per layer on 5 window(s) of 32 tokens taken after the scored" in out
+    # the default: the Debian licence texts, never the text the perplexity is measured on
+    assert (
+        "attention transfer: 15 steps per layer on 5 window(s) of 32 tokens of the Debian licence texts"
+        in out
+    )
     header = next(line for line in out.splitlines() if "original" in line and "transferred" in line)
     assert header.split() == ["original", "hybrid,", "untrained", "hybrid,", "transferred"]
     perplexities = next(line for line in out.splitlines() if line.startswith("perplexity ")).split()[1:]
     assert len(perplexities) == 3
+    other = tmp_path / "other.txt"
+    other.write_text("Completely different prose about lighthouses and the sea. " * 60, encoding="utf-8")
+    code, out, err = run(
+        capsys, "demo", "--model", checkpoint, *small, "--transfer-steps", "2", "--transfer-text", other
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"of 32 tokens of {other}" in out
     # too little text after the scored windows, or a bad learning rate: refused before the weights load
     code, out, err = run(
         capsys, "demo", "--model", checkpoint, "--window", "32", "--windows", "9999", "--text", text,
+        "--transfer-text", "after",
     )  # fmt: skip
     assert_one_line_error(code, err, "attention transfer needs at least 32 tokens", "--transfer-steps 0")
     assert "loading" not in out
     code, out, err = run(capsys, "demo", "--model", checkpoint, "--transfer-lr", "0", "--text", text)
     assert_one_line_error(code, err, "lr must be a positive number, got 0.0")
+    assert "loading" not in out
+
+    # a machine without Debian's licence texts: the default says it learns after the scored windows;
+    # asking for them by name is refused before the weights load
+    def missing():
+        raise FileNotFoundError("no readable text under /usr/share/common-licenses")
+
+    monkeypatch.setattr(swaa.convert.distill_data, "debian_prose", missing)
+    code, out, err = run(capsys, "demo", "--model", checkpoint, *small, "--transfer-steps", "2")
+    assert code == 0, err
+    assert "of the scored text after its scored windows (no Debian licence texts here)" in out
+    code, out, err = run(capsys, "demo", "--model", checkpoint, *small, "--transfer-text", "debian")
+    assert_one_line_error(code, err, "common-licenses")
     assert "loading" not in out
 
 
