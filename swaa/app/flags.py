@@ -28,8 +28,9 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def add_conversion_flags(p, required: bool = False, default=None) -> None:
-    """``--linear-layers`` (required, or with ``default``), ``--kind`` and ``--option`` on parser ``p``."""
+def add_conversion_flags(p, required: bool = False, default=None, kind: str = "gla") -> None:
+    """``--linear-layers`` (required, or with ``default``), ``--kind`` (default ``kind``) and ``--option`` on
+    parser ``p``."""
     p.add_argument(
         "--linear-layers",
         required=required,
@@ -40,7 +41,7 @@ def add_conversion_flags(p, required: bool = False, default=None) -> None:
         "value starts with '-')"
         + ("" if required else " (default: no conversion)" if default is None else f" (default: {default})"),
     )
-    p.add_argument("--kind", default="gla", choices=sorted(KINDS), help="linear layer kind (default: gla)")
+    p.add_argument("--kind", default=kind, choices=sorted(KINDS), help=f"linear layer kind (default: {kind})")
     p.add_argument(
         "--option",
         action="append",

@@ -260,7 +260,7 @@ def test_demo_runs_on_any_checkpoint_with_model(checkpoint, tmp_path, capsys):
     tokens = PreTrainedTokenizerFast.from_pretrained(checkpoint)(text.read_text(), add_special_tokens=False)
     windows = len(tokens["input_ids"]) // 32
     assert f"{windows * 31} predicted tokens of text.txt, {windows} window(s) of 32" in out
-    assert "converted 2 of 4 layers to gla ('last:2'): [2, 3]" in out
+    assert "converted 2 of 4 layers to swa_gla ('last:2'): [2, 3]" in out  # the demo's kind
     table = {
         line.split("  ")[0].strip(): line.split()
         for line in out.splitlines()
