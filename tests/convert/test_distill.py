@@ -3,7 +3,9 @@ resumed ends where an uninterrupted one does, 2 processes (accelerate launch, gl
 with the same global batch, LoRA adapters merge back into a plain hybrid, auto:N is reproducible, and bad
 options are refused before anything trains. Needs accelerate (Trainer does); the LoRA cases need peft."""
 
+import contextlib
 import copy
+import fcntl
 import functools
 import itertools
 import json
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -191,7 +194,19 @@ report = swaa.distill(teacher, student, torch.load(sys.argv[3]), output_dir=sys.
 if int(os.environ.get("RANK", "0")) == 0:
     torch.save(student.state_dict(), sys.argv[6])
     __import__("json").dump(report, open(sys.argv[6] + ".json", "w"))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()  # gloo's threads, stopped before the interpreter exits
 """
+
+
+@contextlib.contextmanager
+def _one_launch_at_a_time():
+    # `make test` runs the two transformers suites side by side; twice, when both launched their 2-process
+    # runs in the same second, one run's weights came out 5% off and the other's rank 1 died at exit (cause
+    # not found; never alone). The launches wait for each other.
+    with open(os.path.join(tempfile.gettempdir(), "swaa-tests-accelerate-launch.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _free_port():
@@ -203,8 +218,7 @@ def _free_port():
 def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model, tiny_ids):
     """Tolerance: the gradient all-reduce adds the two halves in another order than one process's batch
     mean, and Adam divides by sqrt(v), so after 6 steps at lr 3e-3 the weights differ by ~1e-5 (each step
-    moves them by up to 3e-3), more where a gradient is near zero (once over 1e-4, on a loaded CI machine):
-    each tensor's change agrees within 1%, and no entry differs by a third of a step."""
+    moves them by up to 3e-3)."""
     from transformers import AutoModelForCausalLM
 
     teacher, student = pair(tiny_model)
@@ -216,16 +230,17 @@ def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model,
     script.write_text(_SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out2")]
-    done = subprocess.run(
-        [*launch, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with _one_launch_at_a_time():  # the port is chosen inside: free when the launch takes it
+        port = ["--main_process_port", str(_free_port())]
+        done = subprocess.run(
+            [*launch, *port, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # one process, in this one: the same models from disk, the same call
@@ -244,13 +259,8 @@ def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model,
     moved = max((one[k] - initial[k]).abs().max().item() for k in one)
     assert moved > 1e-3
     for k in one:
-        # Adam's m / sqrt(v) magnifies rounding where a gradient is near zero, so single entries may drift
-        # by a fraction of a step (a step here is up to 3e-3): what each tensor learnt must agree
-        change = (one[k] - initial[k]).norm().item()
-        gap, worst = (two[k] - one[k]).norm().item(), (two[k] - one[k]).abs().max().item()
-        assert worst < 1e-3 and gap <= 1e-2 * max(change, 1e-3), (
-            f"{k}: max {worst:.2e}, {gap:.2e} of {change:.2e}"
-        )
+        worst = (two[k] - one[k]).abs().max().item()
+        assert worst <= 1e-4, f"{k}: {worst:.2e} off one process's"
 
 
 def test_two_processes_stop_at_the_same_step_of_a_time_budget(tmp_path, tiny_model, tiny_ids):
@@ -265,16 +275,17 @@ def test_two_processes_stop_at_the_same_step_of_a_time_budget(tmp_path, tiny_mod
     script.write_text(_SCRIPT)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out")]
-    done = subprocess.run(
-        [*launch, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with _one_launch_at_a_time():  # the port is chosen inside: free when the launch takes it
+        port = ["--main_process_port", str(_free_port())]
+        done = subprocess.run(
+            [*launch, *port, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "two.pt.json").read_text())
     assert report["steps"] == 1 and report["stopped_early"] is True
