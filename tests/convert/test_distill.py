@@ -221,51 +221,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _write_run_files(tmp_path, tiny_model, tiny_ids) -> None:
+    """The teacher, the student, the ids and _SCRIPT in tmp_path, for _run_script."""
+    teacher, student = pair(tiny_model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    student.save_pretrained(tmp_path / "student")
+    torch.save(tiny_ids(24 * WINDOW, seed=5), tmp_path / "ids.pt")
+    (tmp_path / "run.py").write_text(_SCRIPT)
+
+
+def _run_script(tmp_path, options: dict, out: str, result: str, processes: int) -> None:
+    """_SCRIPT on the files _write_run_files wrote, in fresh interpreters: 2 processes through accelerate
+    launch, or 1 plain one; the student's weights land in tmp_path / result (its report beside them)."""
+    env = {**_clean_environ(), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    args = [str(tmp_path / n) for n in ("run.py", "teacher", "student", "ids.pt", out)]
+    args += [json.dumps(options), str(tmp_path / result)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    with _one_launch_at_a_time() if processes > 1 else contextlib.nullcontext():
+        # the port is chosen inside the lock: free when the launch takes it
+        command = [*launch, "--main_process_port", str(_free_port())] if processes > 1 else [sys.executable]
+        done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model, tiny_ids):
     """Tolerance: the gradient all-reduce adds the two halves in another order than one process's batch
     mean, and Adam divides by sqrt(v), so after 6 steps at lr 3e-3 the weights differ by ~1e-5 (each step
     moves them by up to 3e-3)."""
     from transformers import AutoModelForCausalLM
 
-    teacher, student = pair(tiny_model)
-    teacher.save_pretrained(tmp_path / "teacher")
-    student.save_pretrained(tmp_path / "student")
-    torch.save(tiny_ids(24 * WINDOW, seed=5), tmp_path / "ids.pt")
+    _write_run_files(tmp_path, tiny_model, tiny_ids)
     options = dict(RUN, steps=6, save_every=100)
-    script = tmp_path / "run.py"
-    script.write_text(_SCRIPT)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**_clean_environ(), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out2")]
-    with _one_launch_at_a_time():  # the port is chosen inside: free when the launch takes it
-        port = ["--main_process_port", str(_free_port())]
-        done = subprocess.run(
-            [*launch, *port, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
-
+    _run_script(tmp_path, options, "out2", "two.pt", processes=2)
     # one process, the same script, in a fresh interpreter as the two were
+    _run_script(tmp_path, options, "out1", "one.pt", processes=1)
+
     initial = state(AutoModelForCausalLM.from_pretrained(tmp_path / "student"))
-    alone = subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            *args[:3],
-            str(tmp_path / "out1"),
-            json.dumps(options),
-            str(tmp_path / "one.pt"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     student.load_state_dict(torch.load(tmp_path / "one.pt"))
     one, two = state(student), torch.load(tmp_path / "two.pt")
@@ -279,27 +271,8 @@ def test_two_processes_through_accelerate_launch_equal_one(tmp_path, tiny_model,
 def test_two_processes_stop_at_the_same_step_of_a_time_budget(tmp_path, tiny_model, tiny_ids):
     # a budget every step overruns: the first process's clock decides, so both stop after step 1 (a process
     # that went on alone would wait for the other at its next all-reduce, and the launch would time out)
-    teacher, student = pair(tiny_model)
-    teacher.save_pretrained(tmp_path / "teacher")
-    student.save_pretrained(tmp_path / "student")
-    torch.save(tiny_ids(24 * WINDOW, seed=5), tmp_path / "ids.pt")
-    options = dict(RUN, steps=6, save_every=100, max_minutes=1e-9)
-    script = tmp_path / "run.py"
-    script.write_text(_SCRIPT)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = {**_clean_environ(), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    args = [str(tmp_path / n) for n in ("teacher", "student", "ids.pt", "out")]
-    with _one_launch_at_a_time():  # the port is chosen inside: free when the launch takes it
-        port = ["--main_process_port", str(_free_port())]
-        done = subprocess.run(
-            [*launch, *port, str(script), *args, json.dumps(options), str(tmp_path / "two.pt")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _write_run_files(tmp_path, tiny_model, tiny_ids)
+    _run_script(tmp_path, dict(RUN, steps=6, save_every=100, max_minutes=1e-9), "out", "two.pt", processes=2)
     report = json.loads((tmp_path / "two.pt.json").read_text())
     assert report["steps"] == 1 and report["stopped_early"] is True
     assert last_checkpoint(tmp_path / "out").endswith("checkpoint-1")
