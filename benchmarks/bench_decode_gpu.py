@@ -69,7 +69,7 @@ import traceback
 
 import torch
 from bench_hybrid_gpu import HYBRID_LAYERS, SHAPE, TINY_SHAPE, build_model, sdpa_context, versions
-from common import pkg_version, progress
+from common import progress
 
 # name -> (batch, context); the order is the default run order: the points the verdicts need come first
 POINTS = {
@@ -297,6 +297,19 @@ class CompileLog(logging.Handler):
     def take(self) -> list[str]:
         lines, self.lines = self.lines, []
         return lines
+
+
+def start_compile_log() -> CompileLog:
+    """A CompileLog attached to torch's recompile, graph-break and perf-hint logs, with dynamo's recompile
+    limit out of reach: a limit hit falls back to eager silently, and the scripts' own step timers stop a
+    run that recompiles at every step instead."""
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, 32)
+    log = CompileLog()
+    with contextlib.suppress(Exception):
+        torch._logging.set_logs(recompiles=True, graph_breaks=True, perf_hints=True)
+    log.attach()
+    return log
 
 
 # ---------------------------------------------------------------- timing
@@ -866,15 +879,7 @@ def main() -> None:
     compile_config = CompileConfig(**cc)
     if args.device != "cuda":
         compile_config._compile_all_devices = True  # generate() compiles only on accelerators otherwise
-    # a recompile limit hit falls back to eager silently: keep it out of reach, the step timer stops
-    # a run that recompiles at every step
-    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit_name, 32)
-    log = CompileLog()
-    if any(VARIANTS[v][1] for v in variants):
-        with contextlib.suppress(Exception):
-            torch._logging.set_logs(recompiles=True, graph_breaks=True, perf_hints=True)
-        log.attach()
+    log = start_compile_log() if any(VARIANTS[v][1] for v in variants) else CompileLog()
 
     import swaa
 
@@ -882,11 +887,7 @@ def main() -> None:
         "benchmark": "decode_gpu",
         "status": "running",
         "device": device_name,
-        "versions": {
-            **versions(),
-            "flash-linear-attention": pkg_version("flash-linear-attention"),
-            "fla-core": pkg_version("fla-core"),
-        },
+        "versions": versions(),
         "args": vars(args),
         "shape": {**shape, "dtype": "bfloat16"},
         "points": points,

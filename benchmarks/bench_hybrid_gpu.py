@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from common import pkg_version
 
 SHAPE = dict(
     hidden_size=2048,
@@ -58,6 +59,8 @@ def versions() -> dict:
             out[name] = __import__(name).__version__
         except Exception:  # noqa: BLE001 (report what is missing, never fail on it)
             out[name] = None
+    # the distributions FLA travels as (the wheels carried to a lent GPU)
+    out.update({name: pkg_version(name) for name in ("flash-linear-attention", "fla-core")})
     return out
 
 

@@ -81,7 +81,7 @@ from bench_decode_gpu import (
     write_json,
 )
 from bench_hybrid_gpu import HYBRID_LAYERS, SHAPE, build_model, versions
-from common import pkg_version, progress
+from common import progress
 
 # seconds per main-model forward assumed before one has been measured (the budget check)
 FIRST_STEP_S = {"cuda": 0.05, "cpu": 0.02}
@@ -456,11 +456,7 @@ def run(args) -> None:
         "benchmark": "speculative_gpu",
         "status": "running",
         "device": device_name,
-        "versions": {
-            **versions(),
-            "flash-linear-attention": pkg_version("flash-linear-attention"),
-            "fla-core": pkg_version("fla-core"),
-        },
+        "versions": versions(),
         "args": vars(args),
         # SDPBackend values in the order SDPA tries them (0 math, 1 flash, 2 memory-efficient, 3 cuDNN)
         "sdpa_priority": list(torch._C._get_sdp_priority_order())

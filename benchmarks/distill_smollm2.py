@@ -122,7 +122,8 @@ def _prep(args) -> None:
         raise SystemExit("a sampling shard failed")
     teacher = torch.cat([torch.load(runs / f".teacher-{i}.pt") for i in range(args.shards)])
     ids = torch.cat([teacher, *parts.values()])
-    torch.save(ids, runs / "train_ids.pt")
+    # int32 (every vocabulary fits): half the bytes a lent GPU's 64 MiB call carries; load_token_ids widens
+    torch.save(ids.to(torch.int32), runs / "train_ids.pt")
     sizes = {"teacher samples": teacher.numel(), **{k: v.numel() for k, v in parts.items()}}
     info = {"tokens": sizes, "total": ids.numel(), "wall_s": round(time.time() - started, 1)}
     info.update(samples_per_prompt=args.samples, max_new_tokens=args.tokens, shards=args.shards)

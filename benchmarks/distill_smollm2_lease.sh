@@ -3,10 +3,13 @@
 # It expects, carried as ignored folders: .whl (FLA + gguf wheels), .distdata (pydocs.txt.gz, gguf.sha256,
 # smol-tok/), and the GGUF in two parts, .smolX/part-x (first call: keep_part) and .smolY/part-y (second
 # call: assemble), since one call carries at most 64 MiB and ignored files stay while the machine is held.
+# benchmarks/distill_smollm2_carry.sh builds those folders here; with `prep` it also runs the prep step on
+# this machine's CPU (.distdata/prep), so the GPU's minutes go to training.
 # The sequence, each call right after the last (the machine stays held 30 s after a call):
-#   1 (carry .whl .distdata .smolX): setup && keep_part
-#   2 (carry .whl .distdata .smolY): setup && assemble && prep && launch --first-config --steps 600 --max-minutes 10 && wait_runs 500
-#   3: setup; wait_runs 500; table; pack
+#   1 (carry .whl .smolX): setup && keep_part
+#   2 (carry .distdata .smolY): setup && assemble && use_prep && launch --first-config --steps N --max-minutes M \
+#        && gputests_detached && wait_runs S        (without .distdata/prep: prep instead of use_prep)
+#   3: setup; wait_runs S; table; pack
 
 set -u
 setup() {
@@ -25,6 +28,10 @@ assemble() {
   cat /tmp/smol/part-x .smolY/part-y > /tmp/smol.gguf
   echo "$(cut -d' ' -f1 .distdata/gguf.sha256)  /tmp/smol.gguf" | sha256sum -c - || return 1
 }
+# prep's outputs made on another machine (distill_smollm2_carry.sh prep)
+use_prep() { mkdir -p /tmp/runs && cp .distdata/prep/* /tmp/runs/ && cat /tmp/runs/train_ids.json; }
+# the GPU tests in their own session, beside the runs (their timing does not matter); pack brings the log
+gputests_detached() { setsid bash -c '. benchmarks/distill_smollm2_lease.sh; setup >/dev/null; gputests 400' >/dev/null 2>&1 < /dev/null & }
 gputests() {
   env SWAA_GPU_TEST_FIRST_CONFIG=1 FLA_CACHE_RESULTS=0 TRITON_CACHE_AUTOTUNING=0 timeout "${1:-150}" python3 -m pytest -q -m gpu \
     tests/layers/test_sliding_window_gpu.py tests/layers/test_speculative.py -p no:cacheprovider -v > /tmp/gputests.log 2>&1

@@ -56,7 +56,6 @@ CPU activity (operators and their self time stand in for kernels). Its numbers m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import platform
@@ -76,12 +75,13 @@ from bench_decode_gpu import (
     fix_generation_config,
     measure,
     prompt,
+    start_compile_log,
     tensor_bytes,
     unique_graphs,
     write_json,
 )
 from bench_hybrid_gpu import HYBRID_LAYERS, SHAPE, build_model, sdpa_context, versions
-from common import pkg_version, progress
+from common import progress
 from torch.profiler import ProfilerActivity, profile, schedule
 
 MODELS = ("hybrid", "qwen3")
@@ -632,23 +632,13 @@ def main() -> None:
     compile_config = CompileConfig(backend="aot_eager", mode=None) if args.smoke else CompileConfig()
     if not cuda:
         compile_config._compile_all_devices = True
-    # a recompile limit hit falls back to eager silently: keep it out of reach (as bench_decode_gpu does)
-    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit_name, 32)
-    log = CompileLog()
-    with contextlib.suppress(Exception):
-        torch._logging.set_logs(recompiles=True, graph_breaks=True, perf_hints=True)
-    log.attach()
+    log = start_compile_log()
 
     record = {
         "benchmark": "profile_compiled_step_gpu",
         "status": "running",
         "device": device_name,
-        "versions": {
-            **versions(),
-            "flash-linear-attention": pkg_version("flash-linear-attention"),
-            "fla-core": pkg_version("fla-core"),
-        },
+        "versions": versions(),
         "args": vars(args),
         "shape": {**shape, "dtype": "bfloat16"},
         "hybrid_layers": hybrid_layers,

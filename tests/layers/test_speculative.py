@@ -40,6 +40,11 @@ def build(tiny_model, family, layers, kind, seed=0, num_layers=3, dtype=torch.fl
     return model.to(dtype).eval()
 
 
+def generated_cache(out):
+    """The cache generate() returns: `past_key_values` up to some 5.x release, `cache` after it."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def repetitive_prompt(tiny_ids):
     """A prompt that repeats itself, so prompt lookup finds drafts (some right, some wrong)."""
     part = tiny_ids(1, 9)
@@ -192,7 +197,7 @@ def test_assisted_greedy_equals_greedy(family, layers, kind, which, tiny_model, 
     elif which in ("close", "other-hybrid"):
         assert any(removed)  # drafts were rolled back, the main model's and (hybrid) the assistant's
     # the cache generate returns holds the states of a fresh run over its tokens
-    cache = out.past_key_values if TF4 else out.cache
+    cache = generated_cache(out)
     assert_cache_is_a_fresh_run(model, cache, out.sequences)
 
 
@@ -248,7 +253,7 @@ def test_beam_search_is_unaffected(tiny_model, tiny_ids):
         )
         uncached = model.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(out.sequences, uncached)
-    cache = out.past_key_values if TF4 else out.cache
+    cache = generated_cache(out)
     assert all(sc._LOG not in layer.__dict__ for layer in cache.layers)
 
 
@@ -289,7 +294,7 @@ def test_speculative_greedy_equals_greedy_through_fla_in_bf16(mode, tiny_model, 
         assert float(top[0] - top[1]) < 0.05, f"tokens differ at {first} without a near-tie"
         return
     # state within the kernels' tolerance of a fresh run over the same tokens
-    cache = out.past_key_values if TF4 else out.cache
+    cache = generated_cache(out)
     held = int(cache.get_seq_length())
     fresh = DynamicCache()
     with torch.no_grad():
