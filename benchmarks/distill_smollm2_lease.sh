@@ -10,6 +10,8 @@
 #   2 (carry .distdata .smolY): setup && assemble && use_prep && launch --first-config --steps N --max-minutes M \
 #        && gputests_detached && wait_runs S        (without .distdata/prep: prep instead of use_prep)
 #   3: setup; wait_runs S; table; pack
+# Memory: a SmolLM2 run at batch 16 (8 per micro-batch) x 512 takes 12-14 GB, mostly the KL's
+# full-vocabulary softmax; ten runs and the GPU tests overfilled an H200's 140 GB once (2026-12-02).
 
 set -u
 setup() {
