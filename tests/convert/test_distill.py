@@ -22,7 +22,7 @@ import swaa
 from swaa.convert import convert_to_hybrid, distillation
 from swaa.convert.distill_data import debian_prose, sample_teacher_text
 from swaa.convert.distill_options import check_distill_options
-from swaa.convert.distillation import distill_loss, last_checkpoint
+from swaa.convert.distillation import distill_loss, kl_divergence, last_checkpoint
 from swaa.convert.select import (
     SELECTION_KEY,
     auto_count,
@@ -45,6 +45,48 @@ def pair(tiny_model, layers=(1, 3)):
 
 def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64])
+def test_the_row_chunked_kl_equals_the_plain_formula_with_its_gradient(temperature, chunk_rows):
+    g = torch.Generator().manual_seed(1)
+    s = (3 * torch.randn(2, 5, 11, generator=g)).requires_grad_()
+    t = 3 * torch.randn(2, 5, 11, generator=g)
+    got = kl_divergence(s, t, temperature, chunk_rows=chunk_rows)
+    (grad,) = torch.autograd.grad(got, s)
+    s64 = s.detach().double().requires_grad_()
+    log_s, log_t = (torch.log_softmax(x.double() / temperature, -1) for x in (s64, t))
+    want = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    (want_grad,) = torch.autograd.grad(want, s64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-7)
+    assert grad.dtype == s.dtype
+
+
+def _bytes_saved_for_backward(fn):
+    saved = []
+
+    def pack(x):
+        saved.append(x.numel() * x.element_size())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return sum(saved)
+
+
+def test_the_distillation_kl_keeps_no_float32_copy_of_the_logits_for_backward():
+    # bf16 logits of a [4, 64, 1000] batch: the plain formula keeps float32 log-softmaxes of the whole batch
+    # (several times the logits' bytes); the loss keeps the two inputs only
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 64, 1000, generator=g).bfloat16().requires_grad_()
+    t = torch.randn(4, 64, 1000, generator=g).bfloat16()
+    ids = torch.randint(0, 1000, (4, 64), generator=g)
+    inputs = 2 * s.numel() * s.element_size()
+    assert _bytes_saved_for_backward(lambda: distill_loss(s, t, ids)) == inputs
+    plain = _bytes_saved_for_backward(lambda: kl_divergence(s, t.clone().requires_grad_()))
+    assert plain > 3 * inputs  # the plain form (a teacher with gradient) shows what the hook counts
 
 
 def test_distill_loss_is_kl_plus_cross_entropy():
