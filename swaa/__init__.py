@@ -19,7 +19,7 @@ import importlib.abc
 import sys
 import threading
 
-__version__ = "0.1.0"
+from swaa._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -394,7 +394,7 @@ def _add_transfer(p, with_defaults: bool, steps_help: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from swaa import __version__
+    from swaa._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="swaa", description="Linear attention and GLA inside Hugging Face transformers: hybrid models."

@@ -8,7 +8,7 @@ The conversion is recorded in ``config.swaa_hybrid`` so that a saved hybrid rebu
 
 from __future__ import annotations
 
-from swaa import __version__
+from swaa._version import __version__
 from swaa.convert.record import RECORD_KEY, check_kind, check_options, hybrid_record, parse_linear_layers
 from swaa.convert.registry import hybrid_classes
 from swaa.convert.swap import build_linear_layers, check_layer_options, decoder_layers
