@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import pkg_version
+from common import cpu_name, pkg_version
 
 from swaa.kernels import gla, linear_attn, naive_gla, naive_linear_attn
 
@@ -32,17 +31,6 @@ B, H, K, V = 1, 8, 64, 64
 # the fastest run of each median_ms call, kept for the JSON: on a shared machine the median can
 # catch other processes' bursts, the minimum shows the code's own cost
 MINIMA = []
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_ms(fn, x, repeats):

@@ -19,7 +19,6 @@ import copy
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,18 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import pkg_version, progress  # noqa: E402
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from common import cpu_name, pkg_version, progress  # noqa: E402
 
 
 def build_hybrid(args):

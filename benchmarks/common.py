@@ -3,6 +3,7 @@ module is importable as `common`)."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -16,6 +17,18 @@ def pkg_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for a CPU benchmark's record."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def progress(msg: str) -> None:
