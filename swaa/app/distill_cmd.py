@@ -502,6 +502,7 @@ def _cmd_distill(args) -> int:
 def add_distill_parser(sub) -> None:
     """Register ``swaa distill`` on the CLI's subparsers (no torch imported)."""
     from swaa.app.flags import DTYPES as _DTYPES
+    from swaa.app.defaults import DISTILL_KIND
     from swaa.app.flags import add_conversion_flags as _add_conversion
 
     p = sub.add_parser(
@@ -521,7 +522,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument(
         "--student", metavar="HYBRID", help="a hybrid saved by swaa convert (instead of --linear-layers)"
     )
-    _add_conversion(p)
+    _add_conversion(p, kind=DISTILL_KIND)
     p.set_defaults(linear_layers=None)
     for action in p._actions:
         if action.dest == "linear_layers":

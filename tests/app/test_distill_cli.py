@@ -48,8 +48,10 @@ def teacher_dir(tmp_path_factory, tiny_model):
 
 
 def distill_args(teacher_dir, out, *extra):
+    # plain GLA: a conversion far from the teacher, so the runs have something to learn (the default kind,
+    # sliding-window GLA, is exact on windows shorter than its own)
     return [
-        "distill", str(teacher_dir), str(out), "--linear-layers", "1,3", "--data", "teacher",
+        "distill", str(teacher_dir), str(out), "--linear-layers", "1,3", "--kind", "gla", "--data", "teacher",
         "--data", str(teacher_dir / "prose.txt"), "--teacher-samples", "1", "--teacher-tokens", "24",
         "--window", "32", "--batch-size", "2", "--eval-windows", "2", "--lr", "3e-3", "--no-progress", *extra,
     ]  # fmt: skip
@@ -133,6 +135,10 @@ def test_token_ids_saved_by_one_run_are_used_as_they_are_by_another(tmp_path, te
     ]  # fmt: skip
     assert main(first) == 0, capsys.readouterr().err
     assert f"training text: {tmp_path / 'ids.pt'}: 300 tokens" in capsys.readouterr().out
+    # no --kind: the distilled layers are sliding-window GLA
+    assert (
+        json.loads((tmp_path / "a" / "model" / "config.json").read_text())["swaa_hybrid"]["kind"] == "swa_gla"
+    )
     saved = torch.load(tmp_path / "a" / "train_ids.pt")
     assert saved.dtype == torch.long and torch.equal(saved[:300], ids)  # as saved, then the tokenized prose
     assert saved.numel() == 300 + len(PROSE * 30)  # one token a character
