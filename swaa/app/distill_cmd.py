@@ -501,8 +501,8 @@ def _cmd_distill(args) -> int:
 
 def add_distill_parser(sub) -> None:
     """Register ``swaa distill`` on the CLI's subparsers (no torch imported)."""
-    from swaa.app.flags import DTYPES as _DTYPES
     from swaa.app.defaults import DISTILL_KIND
+    from swaa.app.flags import DTYPES as _DTYPES
     from swaa.app.flags import add_conversion_flags as _add_conversion
 
     p = sub.add_parser(
