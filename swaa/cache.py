@@ -509,10 +509,12 @@ def _place(layer, state) -> None:
 
 
 def _set_holds_state(layer, holds: bool) -> None:
+    # written only when it changes: a compiled step would otherwise replay the store on every call (dynamo
+    # emits each attribute write after the graph; the value it read is guarded already)
     if _is_native(layer):
-        if holds or 0 in layer.has_previous_state:
+        if (holds or 0 in layer.has_previous_state) and layer.has_previous_state.get(0) is not holds:
             layer.has_previous_state[0] = holds
-    else:
+    elif getattr(layer, "recurrent_state_initialized", None) is not holds:
         layer.recurrent_state_initialized = holds
 
 
@@ -557,7 +559,8 @@ def _write_buffer(layer, state):
             )
             if not _compiling():
                 setattr(layer, _COUNT_INT, int(start))
-    _place(layer, buffer)
+    if buffer is not current or _is_native(layer):  # the same buffer stays where it is (no store to replay)
+        _place(layer, buffer)
     return buffer
 
 
@@ -1306,10 +1309,18 @@ def _compileable_property(orig, cls):
     if not issubclass(cls, _STATIC) or (_NATIVE is not None and issubclass(cls, _NATIVE)):
         return None
 
+    plain = not isinstance(orig, property)
+
     def is_compileable(self) -> bool:
         # while recording the past, a layer holding a state takes no in-place step (the state before it is
-        # what a rollback starts from), as transformers' own linear-attention layers compile no step then
-        return _class_value(orig, self) and not (_recording(self) and _read(self) is not None)
+        # what a rollback starts from), as transformers' own linear-attention layers compile no step then.
+        # One frame, no helper calls: dynamo's guards evaluate this for every layer at every compiled call
+        value = orig if plain else orig.__get__(self, type(self))
+        if not value:
+            return value
+        if getattr(self, _RECORD, False) is not True:
+            return True
+        return _read(self) is None
 
     is_compileable.__doc__ = (
         "Whether the layer suits compiled decode (swaa: not while a held state records the past)."

@@ -263,6 +263,34 @@ def test_compiled_decode_has_no_graph_break_and_no_recompile_across_steps_and_ca
     assert len(graphs) == 1
 
 
+def test_a_compiled_step_writes_no_state_attribute_of_the_cache_again(monkeypatch):
+    # dynamo replays every Python attribute write of the traced step after the graph, at every call (host
+    # time of each compiled decode step): the buffer the state is copied into and the "holds a state" flag
+    # stay as they are, so neither is written again
+    import torch._dynamo.utils as dynamo_utils
+
+    if not hasattr(dynamo_utils, "object_setattr_ignore_descriptor"):
+        pytest.skip("this torch replays attribute writes another way")
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+    cache = prefilled_cache()
+    g = torch.Generator().manual_seed(0)
+    args = lambda: (torch.randn(B, H, generator=g), *kv(1, seed=int(torch.randint(9, (), generator=g))))  # noqa: E731
+    compiled(cache, *args())
+    written = []
+    real = dynamo_utils.object_setattr_ignore_descriptor
+
+    def spy(obj, name, value):
+        written.append(name)
+        return real(obj, name, value)
+
+    monkeypatch.setattr(dynamo_utils, "object_setattr_ignore_descriptor", spy)
+    for _ in range(3):
+        compiled(cache, *args())
+    assert written, "the spy saw no attribute write at all: it watches the wrong place"
+    assert not {"_swaa_recurrent_state", "recurrent_state_initialized"} & set(written), sorted(set(written))
+
+
 def test_num_new_tokens_may_be_a_symint_under_dynamic_shapes():
     torch._dynamo.reset()
     counter, graphs = counting_backend()
