@@ -10,11 +10,11 @@ from swaa.convert.transfer_options import DEFAULT_STEPS as TRANSFER_STEPS
 __all__ = [
     "CACHE_TOKENS",
     "DEMO_KIND",
-    "DISTILL_KIND",
     "DEMO_LINEAR_LAYERS",
     "DEMO_MAX_WINDOWS",
     "DEMO_PROMPT",
     "DEMO_WINDOW",
+    "DISTILL_KIND",
     "TRANSFER_LR",
     "TRANSFER_STEPS",
     "TRANSFER_WINDOW",
