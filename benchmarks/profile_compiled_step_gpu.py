@@ -265,7 +265,8 @@ def measure_raw(model, key: str, context: int, args, log: CompileLog, row: dict)
     cuda = args.device == "cuda"
     batch = 1
     W, S, R = args.raw_warmup, args.steps, args.profile_steps
-    max_len = context + W + S + R + 2 + CACHE_MARGIN  # the profiler's schedule adds 2 replays
+    # the profiler's schedule adds 2 replays, the host profile S more
+    max_len = context + W + S * (2 if args.host_profile else 1) + R + 2 + CACHE_MARGIN
     cache_kw = cache_argument(model)
     ids_prompt = prompt(batch, context, model.config.vocab_size, args.device)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
@@ -345,6 +346,8 @@ def measure_raw(model, key: str, context: int, args, log: CompileLog, row: dict)
     row["timed_steps"] = S
     row["raw_ms_per_step"] = total_ms / S
     row["host_issue_ms_per_step"] = 1e3 * host_s / S
+    if args.host_profile:
+        row["host_profile"] = profile_host(once, S, cuda)
 
     # profile: the same loop, one wait and one warm-up step (the profiler may drop a session's first
     # events), then R recorded; a sync after each step so the last one's kernels are in the trace
@@ -371,6 +374,36 @@ def measure_raw(model, key: str, context: int, args, log: CompileLog, row: dict)
     row["timed_log"] = log.take()
     row["cache_bytes"] = tensor_bytes(cache)
     return torch.cat(tokens, dim=1).cpu()
+
+
+def profile_host(once, steps: int, cuda: bool, top: int = 30) -> dict:
+    """Where the host's time to issue a step goes: the Python functions of ``steps`` more steps under
+    cProfile (C-level work, dynamo's guards among it, counts in the frame that calls it), per step."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        once()
+    prof.disable()
+    sync(cuda)
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    rows = [
+        {
+            "function": f"{os.path.relpath(f) if f.startswith('/') else f}:{line}({name})"[-160:],
+            "calls_per_step": nc / steps,
+            "self_us_per_step": 1e6 * tt / steps,
+            "cumulative_us_per_step": 1e6 * ct / steps,
+        }
+        for (f, line, name), (_, nc, tt, ct, _) in stats.items()
+    ]
+    return {
+        "steps": steps,
+        "python_calls_per_step": sum(r["calls_per_step"] for r in rows),
+        "by_self_time": sorted(rows, key=lambda r: -r["self_us_per_step"])[:top],
+        "by_cumulative_time": sorted(rows, key=lambda r: -r["cumulative_us_per_step"])[:top],
+    }
 
 
 # ---------------------------------------------------------------- one case
@@ -484,6 +517,14 @@ def print_case(row: dict) -> None:
                 progress(
                     f"    {k['us_per_step']:9.1f} us {k['count_per_step']:6.1f}x {k['bucket']:<9} {k['name'][:110]}"
                 )
+        hp = raw.get("host_profile")
+        if hp:
+            progress(f"  host, per step under cProfile: {hp['python_calls_per_step']:.0f} Python calls; by self time:")
+            for r in hp["by_self_time"][:12]:
+                progress(
+                    f"    {r['self_us_per_step']:8.1f} us self {r['cumulative_us_per_step']:8.1f} us cum "
+                    f"{r['calls_per_step']:6.1f}x  {r['function'][-100:]}"
+                )
     if gen["status"] == "ok":
         progress(
             f"{head}: generate {gen['decode_ms_per_step']:.3f} ms/step (median), recompiles "
@@ -576,6 +617,12 @@ def main() -> None:
         "--gen-warmup", type=int, default=8, help="generate's decode steps before the timed ones"
     )
     parser.add_argument("--skip-generate", action="store_true", help="only the raw step and its profile")
+    parser.add_argument(
+        "--no-host-profile",
+        dest="host_profile",
+        action="store_false",
+        help="skip the cProfile of the host's work per raw step (host_profile in each row)",
+    )
     parser.add_argument(
         "--budget-s", type=float, default=540.0, help="start no case or part that would end after this"
     )
