@@ -65,7 +65,11 @@ def ratios(every: list[dict]) -> list[dict]:
     for r in every:
         base = PAIRS.get(r["variant"])
         b = next(
-            (x for x in every if x["source"] == r["source"] and x["variant"] == base and x["point"] == r["point"]),
+            (
+                x
+                for x in every
+                if x["source"] == r["source"] and x["variant"] == base and x["point"] == r["point"]
+            ),
             None,
         )
         if b is not None:

@@ -388,7 +388,9 @@ def profile_host(once, steps: int, cuda: bool, top: int = 30) -> dict:
         once()
     prof.disable()
     sync(cuda)
-    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    stats = pstats.Stats(
+        prof
+    ).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
     rows = [
         {
             "function": f"{os.path.relpath(f) if f.startswith('/') else f}:{line}({name})"[-160:],
@@ -519,7 +521,9 @@ def print_case(row: dict) -> None:
                 )
         hp = raw.get("host_profile")
         if hp:
-            progress(f"  host, per step under cProfile: {hp['python_calls_per_step']:.0f} Python calls; by self time:")
+            progress(
+                f"  host, per step under cProfile: {hp['python_calls_per_step']:.0f} Python calls; by self time:"
+            )
             for r in hp["by_self_time"][:12]:
                 progress(
                     f"    {r['self_us_per_step']:8.1f} us self {r['cumulative_us_per_step']:8.1f} us cum "
