@@ -74,6 +74,14 @@ def build_tiny_ids(*shape, seed=1, low=3):
     return torch.randint(low, TINY["vocab_size"], shape, generator=generator)
 
 
+def host_softmax_tolerance(attn: str) -> dict:
+    """``assert_close`` tolerances for what follows a softmax layer of a float64 model run with ``attn``:
+    transformers' eager attention takes its softmax in float32 even for float64 inputs, and a left-padded
+    row sums in another order than the same row alone (how the CPU's vector lanes split it: it differs
+    between machines), so it carries float32 noise there; SDPA stays in float64. A padding leak is O(0.1)."""
+    return dict(rtol=1e-9, atol=1e-9) if attn == "sdpa" else dict(rtol=1e-6, atol=1e-6)
+
+
 # session scope: they hand out functions, so module-scoped fixtures (a saved checkpoint) can use them too
 @pytest.fixture(scope="session")
 def tiny_config():
@@ -88,6 +96,11 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_ids():
     return build_tiny_ids
+
+
+@pytest.fixture(scope="session")
+def softmax_tolerance():
+    return host_softmax_tolerance
 
 
 @pytest.fixture
