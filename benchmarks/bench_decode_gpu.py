@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import copy
 import gc
-import inspect
 import json
 import logging
 import os
@@ -70,6 +69,8 @@ import traceback
 import torch
 from bench_hybrid_gpu import HYBRID_LAYERS, SHAPE, TINY_SHAPE, build_model, sdpa_context, versions
 from common import progress
+
+from swaa.layers.host_inputs import cache_argument
 
 # name -> (batch, context); the order is the default run order: the points the verdicts need come first
 POINTS = {
@@ -140,11 +141,6 @@ def build_fla(shape: dict, device: str):
     with torch.device(device):
         model = GLAForCausalLM(config).to(torch.bfloat16).eval()
     return model
-
-
-def cache_argument(model) -> str:
-    # the keyword forward() takes a cache under: `cache` from transformers 5.24 on, `past_key_values` before
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def output_cache(out):

@@ -133,7 +133,7 @@ def measure(
 ) -> dict:
     from transformers import DynamicCache
 
-    from swaa.app.evaluate import cache_argument
+    from swaa.layers.host_inputs import cache_argument
 
     arg = cache_argument(model)
     device = model.device

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import statistics
@@ -110,7 +109,9 @@ def verification_cost(model, enc, ks, repeats):
     """ms of one forward of k tokens plus the crop back, against k one-token forwards plus the crop."""
     from transformers import DynamicCache
 
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from swaa.layers.host_inputs import cache_argument
+
+    cache_arg = cache_argument(model)
     tf4 = int(pkg_version("transformers").split(".")[0]) < 5
     ids = enc["input_ids"]
     rows = []

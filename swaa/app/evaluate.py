@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swaa.convert.windows import check_windows
+from swaa.layers.host_inputs import cache_argument
 
 __all__ = [
     "CacheBytes",
@@ -89,13 +90,6 @@ def perplexity(
         total_tokens += chunk.shape[1] - 1
     mean = total_nll / total_tokens
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": count}
-
-
-def cache_argument(model) -> str:
-    """Name under which ``model.forward`` takes a cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclass

@@ -8,11 +8,12 @@ different name in different releases; these functions turn what arrives into wha
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
 
-__all__ = ["check_state_batch", "packed_cu_seqlens", "pick_cache", "tokens_to_keep"]
+__all__ = ["cache_argument", "check_state_batch", "packed_cu_seqlens", "pick_cache", "tokens_to_keep"]
 
 
 def packed_cu_seqlens(position_ids: torch.Tensor, batch_size: int, q_len: int) -> torch.Tensor | None:
@@ -131,6 +132,12 @@ def pick_cache(past_key_values, kwargs: dict):
         if past_key_values is None:
             past_key_values = other
     return past_key_values
+
+
+def cache_argument(model) -> str:
+    """The keyword under which a host model's ``forward`` takes its cache: ``cache`` (transformers >= 5.24)
+    or ``past_key_values``. ``model`` may be the model or its class."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_state_batch(state, batch_size: int):

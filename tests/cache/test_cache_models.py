@@ -1,7 +1,6 @@
 """The cache patch inside real forward passes: a custom linear-attention module and tiny Qwen3 models."""
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -9,11 +8,9 @@ from torch import nn
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 import swaa.cache as sc
+from swaa.layers.host_inputs import cache_argument
 
-# transformers 5.2x renamed the model's `past_key_values` argument to `cache` (the old name warns)
-CACHE_ARG = (
-    "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
-)
+CACHE_ARG = cache_argument(Qwen3ForCausalLM)
 
 
 @pytest.fixture(autouse=True)

@@ -12,15 +12,13 @@ from transformers import cache_utils as cu
 from transformers.generation import CompileConfig
 
 import swaa.cache as sc
+from swaa.layers.host_inputs import cache_argument
 
 NATIVE = getattr(cu, "LinearAttentionLayer", None)
 needs_native = pytest.mark.skipif(
     NATIVE is None, reason="transformers < 5.5 has no native linear-attention layers"
 )
-# transformers 5.2x renamed the model's `past_key_values` argument to `cache`
-CACHE_ARG = (
-    "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
-)
+CACHE_ARG = cache_argument(Qwen3ForCausalLM)
 B, H, K, V = 2, 4, 8, 8  # a GLA-shaped state [B, H, K, V] (float32, as swaa keeps it)
 
 

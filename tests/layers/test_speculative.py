@@ -4,7 +4,6 @@ give plain greedy's tokens, sample from the model's own distribution, and leave 
 over the accepted tokens would. Tiny random models in float64, on transformers 4.57 and 5.x."""
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -13,11 +12,10 @@ from transformers import DynamicCache, Qwen3ForCausalLM
 
 import swaa.cache as sc
 from swaa.layers import GatedLinearAttention, LinearAttention
+from swaa.layers.host_inputs import cache_argument
 
 TF4 = int(transformers.__version__.split(".")[0]) < 5
-CACHE_ARG = (
-    "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
-)
+CACHE_ARG = cache_argument(Qwen3ForCausalLM)
 KINDS = {
     "gla": (GatedLinearAttention, {}),
     "linear": (LinearAttention, {}),
