@@ -22,6 +22,7 @@ from bench_decode_gpu import POINTS, VARIANTS, plot, verdicts, write_json
 
 # hybrid variant -> its Qwen3 baseline
 PAIRS = {"hybrid_eager": "qwen3_eager", "hybrid_compiled": "qwen3_compiled"}
+POINT_ORDER = {p: i for i, p in enumerate(POINTS)}  # points outside bench_decode_gpu's table go last
 
 
 def merge(paths: list[str]) -> dict:
@@ -40,14 +41,16 @@ def merge(paths: list[str]) -> dict:
                 every.append(row)
     if len(devices) != 1:
         raise SystemExit(f"the files come from different devices: {sorted(devices)}")
-    order = {p: i for i, p in enumerate(POINTS)}
     results = sorted(
-        rows.values(), key=lambda r: (order.get(r["point"], len(order)), list(VARIANTS).index(r["variant"]))
+        rows.values(),
+        key=lambda r: (POINT_ORDER.get(r["point"], len(POINT_ORDER)), list(VARIANTS).index(r["variant"])),
     )
+    # each file's verdicts over all of its own rows, also those a later file replaced in `results`
     same_file = {}
-    for source in {r["source"] for r in results}:
-        mine = [r for r in results if r["source"] == source]
-        same_file[source] = verdicts(mine, sorted({r["point"] for r in mine}, key=lambda p: order.get(p, 99)))
+    for source in dict.fromkeys(r["source"] for r in every):
+        mine = [r for r in every if r["source"] == source]
+        points = sorted({r["point"] for r in mine}, key=lambda p: POINT_ORDER.get(p, len(POINT_ORDER)))
+        same_file[source] = verdicts(mine, points)
     return {
         "benchmark": "decode_gpu_merged",
         "device": devices.pop(),
@@ -82,8 +85,9 @@ def ratios(every: list[dict]) -> list[dict]:
                 "tokens_per_s_ratio": r["tokens_per_s"] / b["tokens_per_s"],
                 "source": r["source"],
             }
-    order = {p: i for i, p in enumerate(POINTS)}
-    return sorted(latest.values(), key=lambda x: (order.get(x["point"], 99), x["variant"]))
+    return sorted(
+        latest.values(), key=lambda x: (POINT_ORDER.get(x["point"], len(POINT_ORDER)), x["variant"])
+    )
 
 
 def main() -> None:

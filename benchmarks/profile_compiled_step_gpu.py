@@ -388,9 +388,8 @@ def profile_host(once, steps: int, cuda: bool, top: int = 30) -> dict:
         once()
     prof.disable()
     sync(cuda)
-    stats = pstats.Stats(
-        prof
-    ).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    stats = pstats.Stats(prof).stats
     rows = [
         {
             "function": f"{os.path.relpath(f) if f.startswith('/') else f}:{line}({name})"[-160:],
